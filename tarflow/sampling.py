@@ -1,0 +1,268 @@
+"""Samplers: plain functions over (model, noise, schedule, labels, guidance).
+
+`sequential` inverts every block token by token (the exact reference); `gs_jacobi` inverts each
+block segment by segment (Gauss-Seidel), every segment by parallel Jacobi fixed-point passes
+(arXiv 2505.12849). Both share one K/V-cached transformer step, one definition of classifier-free
+guidance and the optional score-based denoising step, so their outputs are comparable bit for bit.
+
+Conventions: noise is (N, T, D) standard normal in image token order, scaled by sqrt(var) before
+the last block is inverted (as the official `Model.reverse`). Inside a block everything runs in
+that block's token order (flipped for odd blocks). Blocks are sampled in reverse (B-1 first).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import MetaBlock, TarFlow
+from .schedule import BlockPlan, Schedule
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance on both log-scale and shift: p_c + w * (p_c - p_u).
+
+    anneal: w grows linearly over token positions, w_i = w * (i + 1) / (T - 1).
+    attn_temp: attention temperature of the unconditional pass only.
+    """
+
+    scale: float = 0.0
+    anneal: bool = False
+    attn_temp: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.scale > 0
+
+
+@dataclass
+class SamplerStats:
+    """Per block in sampling order: forward index, passes per segment, final residuals, fallbacks."""
+
+    blocks: list[int] = field(default_factory=list)
+    iters: list[list[int]] = field(default_factory=list)
+    residuals: list[list[float]] = field(default_factory=list)
+    fallbacks: list[tuple[int, int]] = field(default_factory=list)  # (forward block, segment)
+
+    @property
+    def passes(self) -> int:
+        """Transformer passes over all blocks and segments (sequential: B * (T - 1))."""
+        return sum(sum(i) for i in self.iters)
+
+    def to_dict(self) -> dict:
+        return {"blocks": self.blocks, "iters": self.iters, "residuals": self.residuals,
+                "fallbacks": [list(f) for f in self.fallbacks], "passes": self.passes}
+
+
+def make_noise(n: int, model: TarFlow, seed: int) -> torch.Tensor:
+    """(n, T, D) float32 standard-normal latents from a CPU generator: same on every device."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, model.cfg.num_patches, model.cfg.token_dim, generator=g)
+
+
+def segment_bounds(T: int, segments: int) -> list[tuple[int, int]]:
+    """Split [0, T) into `segments` contiguous spans whose lengths differ by at most one."""
+    base, extra = divmod(T, segments)
+    bounds, s = [], 0
+    for j in range(segments):
+        e = s + base + (1 if j < extra else 0)
+        bounds.append((s, e))
+        s = e
+    return bounds
+
+
+class BlockSolver:
+    """Everything needed to run one block's transformer step during sampling.
+
+    With guidance the batch is doubled (rows [0, N) conditional, [N, 2N) unconditional) so both
+    passes are one batched call; `params` folds them back into guided (a, b).
+    """
+
+    def __init__(self, block: MetaBlock, labels, n: int, guidance: Guidance, device, dtype):
+        self.block, self.n, self.g = block, n, guidance
+        T = block.pos_embed.shape[0]
+        rows = 2 * n if guidance.active else n
+        self.cache = block.new_cache(rows, device, dtype)
+        self.pos = block.permute(block.pos_embed, 0)
+        self.class_emb = None
+        if block.class_embed is not None:
+            cond = block.class_embedding(labels, n)
+            self.class_emb = torch.cat([cond, block.class_embedding(None, n)]) if guidance.active else cond
+        self.q_scale = None
+        if guidance.active and guidance.attn_temp != 1.0:
+            self.q_scale = torch.ones(rows, 1, 1, 1, device=device, dtype=dtype)
+            self.q_scale[n:] = 1.0 / guidance.attn_temp
+        w = torch.full((T,), guidance.scale, device=device, dtype=dtype)
+        if guidance.anneal:
+            w = w * torch.arange(1, T + 1, device=device, dtype=dtype) / max(1, T - 1)
+        self.w = w.view(1, T, 1)
+
+    def params(self, x_span, start: int):
+        """(a, b) for tokens start+1 .. start+L, writing the span's K/V into the cache."""
+        if self.g.active:
+            x_span = x_span.repeat(2, 1, 1)
+        a, b = self.block.step(x_span, start, self.cache, self.pos, self.class_emb, self.q_scale)
+        if self.g.active:
+            w = self.w[:, start:start + a.shape[1]]
+            (ac, au), (bc, bu) = a.chunk(2), b.chunk(2)
+            a, b = ac + w * (ac - au), bc + w * (bc - bu)
+        return a, b
+
+
+def affine_inverse(z, a, b):
+    """x = z * exp(a) + b (inverse of z = (x - b) * exp(-a)), exp in float32 at least."""
+    return z * torch.exp(a.float()).type(a.dtype) + b
+
+
+def _invert_blocks(model: TarFlow, noise, labels, guidance: Guidance, solve_block, stats):
+    x = noise.to(model.var.device, model.var.dtype) * model.var.sqrt()
+    n = x.shape[0]
+    if labels is not None:
+        labels = labels.to(x.device)
+    for k in reversed(range(len(model.blocks))):
+        block = model.blocks[k]
+        solver = BlockSolver(block, labels, n, guidance, x.device, x.dtype)
+        x = block.permute(solve_block(solver, block.permute(x), k, stats))
+    return model.unpatchify(x)
+
+
+@torch.no_grad()
+def sequential(model: TarFlow, noise, labels=None, guidance: Guidance = Guidance(),
+               callback=None):
+    """Exact inverse: token by token with a K/V cache, B * (T - 1) transformer steps."""
+    stats = SamplerStats()
+
+    def solve(solver: BlockSolver, z, k, stats):
+        T = z.shape[1]
+        x = z.clone()  # token 0 is its own inverse; the rest are overwritten in order
+        for i in range(T - 1):
+            a, b = solver.params(x[:, i:i + 1], i)
+            x[:, i + 1] = affine_inverse(z[:, i + 1], a[:, 0], b[:, 0])
+        stats.blocks.append(k)
+        stats.iters.append([1] * (T - 1))
+        stats.residuals.append([0.0] * (T - 1))
+        if callback:
+            callback({"block": k, "x": x})
+        return x
+
+    return _invert_blocks(model, noise, labels, guidance, solve, stats), stats
+
+
+def solve_segment(solver: BlockSolver, z, x, s: int, e: int, plan: BlockPlan, carry, last: bool,
+                  check_every: int = 1, record=None):
+    """Jacobi passes on block-order tokens [s, e) of x (written in place); returns (carry, used, residual).
+
+    Token s is exact before the first pass (its parameters `carry` come from the previous
+    segment), so after n updates tokens s..s+n are exact and a budget of L = e - s passes
+    is exact. Each pass writes the K/V of its *input*, so a segment that later segments will
+    read ends on the input of its last pass (K/V consistent with the kept iterate); the last
+    segment of a block needs no K/V and keeps the newest iterate.
+    """
+    L = e - s
+    zs = z[:, s:e]
+    xs = zs.clone() if plan.init == "z" else torch.zeros_like(zs)
+    xs[:, 0] = zs[:, 0] if carry is None else affine_inverse(zs[:, 0], *carry)
+    budget = min(plan.max_iters, L - 1 if last else L)
+    used, residual = 0, torch.zeros((), device=z.device, dtype=z.dtype)
+    for it in range(budget):
+        a, b = solver.params(xs, s)
+        new = torch.empty_like(xs)
+        new[:, 0] = xs[:, 0]
+        new[:, 1:] = affine_inverse(zs[:, 1:], a[:, :-1], b[:, :-1])
+        residual = (new - xs).abs().amax()
+        carry, used = (a[:, -1], b[:, -1]), it + 1
+        if record is not None:
+            record(it + 1, new)
+        final_pass = it + 1 == budget
+        if not final_pass and (it + 1) % check_every:
+            xs = new  # no host sync on this pass
+            continue
+        done = final_pass or residual.item() <= plan.tol
+        if done and not last:
+            break  # keep xs: the cache and carry were computed from it
+        xs = new
+        if done:
+            break
+    x[:, s:e] = xs
+    return carry, used, residual
+
+
+@torch.no_grad()
+def gs_jacobi(model: TarFlow, noise, schedule: Schedule, labels=None,
+              guidance: Guidance = Guidance(), check_every: int | None = None, callback=None):
+    """GS-Jacobi inverse driven by a schedule (one BlockPlan per block, in sampling order).
+
+    Stopping rule: a segment stops once max |x_new - x| over its tokens, channels and the whole
+    batch is <= plan.tol, or after plan.max_iters passes. A non-finite segment is re-solved
+    token by token and reported in `stats.fallbacks`. `check_every` > 1 reads the convergence
+    flag back from the device only every few passes (extra passes only move closer to the
+    fixed point); default: 1 on CPU, 4 on CUDA.
+    """
+    plans = {p.block: p for p in schedule.plans}
+    stats = SamplerStats()
+    if check_every is None:
+        check_every = 4 if model.var.is_cuda else 1
+
+    def solve(solver: BlockSolver, z, k, stats):
+        plan, T = plans[k], z.shape[1]
+        x = torch.empty_like(z)
+        carry, iters, res = None, [], []
+        bounds = segment_bounds(T, plan.segments)
+        for j, (s, e) in enumerate(bounds):
+            last = e == T
+            prev = carry
+            carry, used, r = solve_segment(solver, z, x, s, e, plan, prev, last, check_every)
+            bad = not torch.isfinite(x[:, s:e]).all() or (carry is not None and not (
+                torch.isfinite(carry[0]).all() and torch.isfinite(carry[1]).all()))
+            if bad:  # re-solve this segment exactly, one token per pass
+                stats.fallbacks.append((k, j))
+                one = BlockPlan(k, 1, 1)
+                carry = prev
+                for t in range(s, e):
+                    carry, u, r = solve_segment(solver, z, x, t, t + 1, one, carry, t + 1 == T)
+                    used += u
+            iters.append(used)
+            res.append(float(r))
+        stats.blocks.append(k)
+        stats.iters.append(iters)
+        stats.residuals.append(res)
+        if callback:
+            callback({"block": k, "x": x})
+        return x
+
+    return _invert_blocks(model, noise, labels, guidance, solve, stats), stats
+
+
+@torch.enable_grad()
+def denoise(model: TarFlow, x, labels=None, noise_std: float = 0.1):
+    """One score step (Tweedie): x + sigma^2 * grad log p(x), undoing training noise augmentation."""
+    x = x.detach().clone().requires_grad_(True)
+    z, _, logdet = model(x, labels)
+    D = z.shape[1] * z.shape[2]
+    # per-sample negative log-density = D * (0.5 mean z^2 - mean logdet) + const
+    neg_logp = D * (0.5 * z.pow(2).mean(dim=[1, 2]) - logdet)
+    (grad,) = torch.autograd.grad(neg_logp.sum(), x)
+    return (x - noise_std**2 * grad).detach()
+
+
+def is_sequential(schedule: Schedule, T: int) -> bool:
+    return all(p.segments == T for p in schedule.plans)
+
+
+def sample(model: TarFlow, noise, schedule: Schedule, labels=None, guidance: Guidance = Guidance(),
+           denoise_std: float = 0.0, check_every: int | None = None):
+    """Run a schedule (the sequential reference when every block has T segments)."""
+    if is_sequential(schedule, model.cfg.num_patches):
+        x, stats = sequential(model, noise, labels, guidance)
+    else:
+        x, stats = gs_jacobi(model, noise, schedule, labels, guidance, check_every)
+    if denoise_std > 0:
+        x = denoise(model, x, labels, denoise_std)
+    return x, stats
+
+
+def rmse(a, b) -> float:
+    return math.sqrt(float((a - b).double().pow(2).mean()))

@@ -1,0 +1,210 @@
+"""The schedule file: the only contract between the tuner and the sampler.
+
+A `Schedule` lists one `BlockPlan` per flow block in *sampling order* (entry 0 is the block
+sampled first, i.e. forward block B-1). It round-trips through sorted, indented JSON with a
+schema version and a model fingerprint, and is validated on load with one-line messages.
+
+Built-in names, with optional inline parameters (`name:key=value,...`):
+  sequential                       every block token by token (the exact reference)
+  jacobi:segments=1,max_iters=T,init=zeros,tol=0   one plan for every block
+  sejd:tol=0.05,init=zeros         block sampled first sequential, the rest one-segment Jacobi
+                                   with early stop on the max-norm update (after arXiv 2505.24791)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .checkpoint import atomic_write_text
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+INITS = ("zeros", "z")  # initial Jacobi guess: zeros (token 0 kept) or the block's input noise z
+PLAN_KEYS = ("block", "segments", "max_iters", "init", "tol")
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How one flow block is solved.
+
+    block: forward block index. segments: Gauss-Seidel segments (1..T, need not divide T).
+    max_iters: parallel passes per segment (>= segment length makes it exact).
+    init: initial guess. tol: early stop when max |x_new - x| over the segment and batch <= tol.
+    """
+
+    block: int
+    segments: int
+    max_iters: int
+    init: str = "zeros"
+    tol: float = 0.0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    plans: tuple[BlockPlan, ...]  # sampling order
+    fingerprint: dict | None = None
+    name: str = "custom"
+    provenance: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # --- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "blocks": [asdict(p) for p in self.plans],
+            "provenance": self.provenance,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save(self, path) -> None:
+        atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "schedule") -> "Schedule":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{source}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        return cls.from_dict(obj, source)
+
+    @classmethod
+    def from_dict(cls, obj, source: str = "schedule") -> "Schedule":
+        if not isinstance(obj, dict):
+            raise UserError(f"{source}: expected a JSON object")
+        version = obj.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise UserError(f"{source}: unknown schema_version {version!r} (this tool reads {SCHEMA_VERSION})")
+        blocks = obj.get("blocks")
+        if not isinstance(blocks, list) or not blocks:
+            raise UserError(f"{source}: 'blocks' must be a non-empty list")
+        unknown = set(obj) - {"schema_version", "name", "fingerprint", "blocks", "provenance"}
+        if unknown:
+            raise UserError(f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))}")
+        plans = tuple(_plan_from_dict(b, f"{source}: blocks[{i}]") for i, b in enumerate(blocks))
+        fp = obj.get("fingerprint")
+        if fp is not None and not isinstance(fp, dict):
+            raise UserError(f"{source}: 'fingerprint' must be an object or null")
+        prov = obj.get("provenance") or {}
+        if not isinstance(prov, dict):
+            raise UserError(f"{source}: 'provenance' must be an object")
+        return cls(plans=plans, fingerprint=fp, name=str(obj.get("name", "custom")), provenance=prov)
+
+    @classmethod
+    def load(cls, path) -> "Schedule":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise UserError(f"cannot read schedule {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: malformed JSON (not UTF-8 text)") from None
+        return cls.from_json(text, str(path))
+
+    # --- model fit ----------------------------------------------------------------------
+    def check_fits(self, model, force: bool = False) -> None:
+        """Refuse a schedule that does not fit the model (fingerprint: unless force)."""
+        B, T = model.cfg.num_blocks, model.cfg.num_patches
+        if len(self.plans) != B:
+            raise UserError(f"schedule '{self.name}' has {len(self.plans)} blocks but the model has {B}")
+        for i, p in enumerate(self.plans):
+            if p.block != B - 1 - i:
+                raise UserError(f"schedule '{self.name}': entry {i} names block {p.block}, expected "
+                                f"{B - 1 - i} (entries are in sampling order, last block first)")
+            if p.segments > T:
+                raise UserError(f"schedule '{self.name}': block {p.block} segments={p.segments} "
+                                f"exceeds the sequence length T={T}")
+        fp = getattr(model, "fingerprint", None)
+        if not force and self.fingerprint is not None and fp is not None and self.fingerprint != fp:
+            what = "architecture" if self.fingerprint.get("arch") != fp.get("arch") else "weights"
+            raise UserError(f"schedule '{self.name}' was made for another model ({what} differ); "
+                            "use --force to run it anyway")
+
+    def with_provenance(self, **kv) -> "Schedule":
+        return replace(self, provenance={**self.provenance, **kv})
+
+
+def _plan_from_dict(d, where: str) -> BlockPlan:
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected an object")
+    unknown = set(d) - set(PLAN_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    for k in ("block", "segments", "max_iters"):
+        if k not in d:
+            raise UserError(f"{where}: missing '{k}'")
+        if not isinstance(d[k], int) or isinstance(d[k], bool):
+            raise UserError(f"{where}: '{k}' must be an integer, got {d[k]!r}")
+    return make_plan(d["block"], d["segments"], d["max_iters"], d.get("init", "zeros"),
+                     d.get("tol", 0.0), where)
+
+
+def make_plan(block, segments, max_iters, init="zeros", tol=0.0, where="schedule") -> BlockPlan:
+    if segments < 1:
+        raise UserError(f"{where}: segments must be >= 1, got {segments}")
+    if max_iters < 1:
+        raise UserError(f"{where}: max_iters must be >= 1, got {max_iters}")
+    if init not in INITS:
+        raise UserError(f"{where}: unknown init {init!r} (choose from {', '.join(INITS)})")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise UserError(f"{where}: tol must be a finite number >= 0, got {tol!r}")
+    return BlockPlan(int(block), int(segments), int(max_iters), init, float(tol))
+
+
+# --- built-in named schedules -----------------------------------------------------------
+
+def _params(text: str, allowed: dict, name: str) -> dict:
+    """Parse 'a=1,b=zeros' with the types of `allowed`'s defaults."""
+    out = dict(allowed)
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or key not in allowed:
+            raise UserError(f"schedule '{name}': unknown parameter '{key}' "
+                            f"(takes {', '.join(allowed)})")
+        kind = type(allowed[key]) if allowed[key] is not None else int
+        try:
+            out[key] = kind(val) if kind is not str else val
+        except ValueError:
+            raise UserError(f"schedule '{name}': {key}={val!r} is not a {kind.__name__}") from None
+    return out
+
+
+def builtin_schedule(spec: str, model) -> Schedule:
+    """Resolve 'sequential', 'jacobi:...' or 'sejd:...' for `model`."""
+    name, _, args = spec.partition(":")
+    B, T = model.cfg.num_blocks, model.cfg.num_patches
+    order = range(B - 1, -1, -1)
+    if name == "sequential":
+        _params(args, {}, name)
+        plans = [make_plan(k, T, 1, "zeros", 0.0) for k in order]
+    elif name == "jacobi":
+        p = _params(args, {"segments": 1, "max_iters": None, "init": "zeros", "tol": 0.0}, name)
+        p["max_iters"] = p["max_iters"] if p["max_iters"] is not None else -(-T // p["segments"])
+        if p["segments"] > T:
+            raise UserError(f"schedule 'jacobi': segments={p['segments']} exceeds T={T}")
+        plans = [make_plan(k, p["segments"], p["max_iters"], p["init"], p["tol"], spec) for k in order]
+    elif name == "sejd":
+        p = _params(args, {"tol": 0.05, "init": "zeros", "max_iters": T}, name)
+        plans = [make_plan(k, T, 1) if i == 0 else make_plan(k, 1, p["max_iters"], p["init"], p["tol"], spec)
+                 for i, k in enumerate(order)]
+    else:
+        raise UserError(f"unknown schedule '{spec}': give a JSON file or one of sequential, jacobi, sejd")
+    return Schedule(plans=tuple(plans), fingerprint=getattr(model, "fingerprint", None), name=spec)
+
+
+def resolve_schedule(spec, model, force: bool = False) -> Schedule:
+    """A schedule from a file path or a built-in name, checked against the model."""
+    if isinstance(spec, Schedule):
+        sched = spec
+    elif Path(str(spec)).suffix == ".json" or Path(str(spec)).is_file():
+        sched = Schedule.load(spec)
+    else:
+        sched = builtin_schedule(str(spec), model)
+    sched.check_fits(model, force=force)
+    return sched

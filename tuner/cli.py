@@ -1,0 +1,254 @@
+"""`tarflow-tuner` command line: parse, call the library, print. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tarflow.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Tune, run and report GS-Jacobi sampling schedules for TarFlow models.")
+
+STUDIES = Path(__file__).resolve().parent.parent / "studies"
+DEFAULT_CKPT = STUDIES / "mnist" / "model.pth"
+
+
+@app.callback()
+def _root():
+    """Tune, run and report GS-Jacobi sampling schedules for TarFlow models."""
+
+
+def user_errors(fn):
+    """Bad input -> one line on stderr and exit code 2, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    data: Path = typer.Option(..., help="npz of uint8 images (x_train/y_train) or an image folder"),
+    out: Path = typer.Option(..., help="checkpoint path (.pth); a .json sidecar is written beside it"),
+    patch_size: int = 4, channels: int = 128, blocks: int = 4, layers: int = 2,
+    head_dim: int = 64, classes: int = typer.Option(10, help="0 = unconditional"),
+    steps: int = 3500, batch: int = 128, lr: float = 2e-3, warmup: int = 200,
+    noise_std: float = 0.1, seed: int = 0, ckpt_every: int = 250,
+    resume: bool = typer.Option(False, help="continue from OUT's .train.pt state"),
+    device: str = "cpu",
+):
+    """Train a small (class-conditional) TarFlow."""
+    from tarflow.model import TarFlowConfig
+    from tarflow.train import TrainConfig, train as run_train
+
+    cfg = TarFlowConfig(patch_size=patch_size, channels=channels, num_blocks=blocks,
+                        layers_per_block=layers, head_dim=head_dim, num_classes=classes)
+    tc = TrainConfig(steps=steps, batch=batch, lr=lr, warmup=warmup, noise_std=noise_std,
+                     seed=seed, ckpt_every=ckpt_every)
+    run_train(data, out, cfg, tc, resume=resume, device=device)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
+def resolve_dtype(dtype: str):
+    import torch
+
+    table = {"float32": torch.float32, "float64": torch.float64}
+    if dtype not in table:
+        raise UserError(f"--dtype must be one of {', '.join(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def parse_labels(spec: Optional[str], n: int, num_classes: int):
+    """None: cycle 0..classes-1 (conditional) / unconditional; 'uncond'; or a comma list, repeated."""
+    import torch
+
+    if not num_classes:
+        if spec not in (None, "uncond"):
+            raise UserError("this model is unconditional: --labels is not accepted")
+        return None
+    if spec is None:
+        return torch.arange(n) % num_classes
+    if spec == "uncond":
+        return torch.full((n,), -1, dtype=torch.long)
+    try:
+        vals = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--labels must be 'uncond' or comma-separated integers, got {spec!r}") from None
+    if not vals or any(v < -1 or v >= num_classes for v in vals):
+        raise UserError(f"--labels must lie in 0..{num_classes - 1} (or -1 for unconditional)")
+    return torch.tensor(vals * (n // len(vals) + 1))[:n]
+
+
+def ensure_writable(path: Path) -> None:
+    """Fail before any work if the output folder cannot be created or written."""
+    import os
+
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {parent}: {e.strerror or e}") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output folder {parent} is not writable")
+
+
+@app.command()
+@user_errors
+def sample(
+    checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
+    schedule: str = typer.Option("sequential", help="schedule JSON file or built-in name"),
+    n: int = typer.Option(64, min=1), seed: int = 0,
+    labels: Optional[str] = typer.Option(None, help="'uncond' or comma list; default cycles classes"),
+    guidance: float = typer.Option(0.0, min=0.0), guidance_anneal: bool = False,
+    attn_temp: float = typer.Option(1.0, min=1e-3),
+    denoise: bool = typer.Option(False, help="one score step removing training noise"),
+    noise: Optional[Path] = typer.Option(None, help="(N, T, D) float32 .npy of standard-normal latents"),
+    device: str = "auto", dtype: str = "float32",
+    force: bool = typer.Option(False, help="run a schedule made for another model"),
+    out: Path = typer.Option(Path("samples"), help="writes OUT.npz and OUT.png"),
+):
+    """Sample images with a schedule; writes OUT.npz (x, labels, stats) and an OUT.png grid."""
+    import json
+    import time
+
+    import numpy as np
+    import torch
+
+    from tarflow.checkpoint import atomic_write_bytes, load_checkpoint
+    from tarflow.data import save_grid
+    from tarflow.sampling import Guidance, make_noise, sample as run_sample
+    from tarflow.schedule import resolve_schedule
+
+    out_npz, out_png = out.with_suffix(".npz"), out.with_suffix(".png")
+    ensure_writable(out_npz)
+    dev = resolve_device(device)
+    model = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype(dtype))
+    sched = resolve_schedule(schedule, model, force=force)
+    cfg = model.cfg
+    if noise is not None:
+        try:
+            z = torch.from_numpy(np.load(noise)).float()
+        except Exception as e:
+            raise UserError(f"cannot read noise {noise}: {e}") from None
+        if z.ndim != 3 or tuple(z.shape[1:]) != (cfg.num_patches, cfg.token_dim):
+            raise UserError(f"noise {noise} has shape {tuple(z.shape)}, expected "
+                            f"(N, {cfg.num_patches}, {cfg.token_dim})")
+        n = z.shape[0]
+    else:
+        z = make_noise(n, model, seed)
+    y = parse_labels(labels, n, cfg.num_classes)
+    if guidance > 0 and not cfg.num_classes:
+        raise UserError("guidance needs a class-conditional model")
+    tuned = sched.provenance.get("device_class"), sched.provenance.get("batch")
+    if tuned[0] and (tuned[0] != dev or (tuned[1] and tuned[1] != n)):
+        typer.echo(f"warning: schedule was tuned on {tuned[0]} at batch {tuned[1]}; running on "
+                   f"{dev} at batch {n}: latency may not be optimal", err=True)
+    noise_std = float(getattr(model, "meta", {}).get("train", {}).get("noise_std", 0.1))
+    t0 = time.perf_counter()
+    x, stats = run_sample(model, z, sched, y, Guidance(guidance, guidance_anneal, attn_temp),
+                          denoise_std=noise_std if denoise else 0.0)
+    secs = time.perf_counter() - t0
+    payload = {"x": x.float().cpu().numpy(), "labels": (y if y is not None else torch.full((n,), -1)).numpy(),
+               "stats": np.array(json.dumps(stats.to_dict())), "schedule": np.array(sched.to_json())}
+    atomic_write_bytes(out_npz, lambda f: np.savez(f, **payload))
+    save_grid(x, out_png)
+    fb = f", {len(stats.fallbacks)} fallback segment(s)" if stats.fallbacks else ""
+    typer.echo(f"sampled {n} images with '{sched.name}' on {dev} in {secs:.2f} s "
+               f"({stats.passes} transformer passes{fb}) -> {out_npz}, {out_png}")
+
+
+schedule_app = typer.Typer(help="Inspect schedules.", no_args_is_help=True)
+app.add_typer(schedule_app, name="schedule")
+
+
+@schedule_app.command("show")
+@user_errors
+def schedule_show(
+    spec: str = typer.Argument(..., help="schedule JSON file or built-in name"),
+    checkpoint: Path = typer.Option(DEFAULT_CKPT, help="model the schedule is resolved for"),
+    force: bool = False,
+):
+    """Print the resolved schedule JSON (save it to a file to edit a built-in)."""
+    from tarflow.checkpoint import load_checkpoint
+    from tarflow.schedule import resolve_schedule
+
+    model = load_checkpoint(checkpoint)
+    typer.echo(resolve_schedule(spec, model, force=force).to_json(), nl=False)
+
+
+@app.command()
+@user_errors
+def fid(
+    samples: Optional[Path] = typer.Argument(
+        None, help="samples .npz (x: model-space floats or uint8) or image folder; "
+                   "omit to sample from --checkpoint with --schedule"),
+    checkpoint: Optional[Path] = typer.Option(None, help="TarFlow .pth (default: bundled MNIST)"),
+    schedule: str = typer.Option("sequential", help="schedule JSON file or built-in name"),
+    n: int = typer.Option(1000, min=2, help="samples to draw (ignored with a samples file)"),
+    seed: int = typer.Option(0, help="noise seed"),
+    labels: str = typer.Option("balanced", help="balanced (i mod classes), random or none"),
+    guidance: float = typer.Option(0.0, min=0.0),
+    denoise: bool = typer.Option(False, help="one score step removing training noise (as sample)"),
+    force: bool = typer.Option(False, help="run a schedule made for another model"),
+    extractor: str = typer.Option("mnist-cnn", help="mnist-cnn (fast, MNIST only) or inception"),
+    extractor_weights: Optional[Path] = typer.Option(
+        None, help="weights file for the extractor (inception: TorchScript; env "
+                   "TARFLOW_TUNER_INCEPTION also works)"),
+    ref: Optional[Path] = typer.Option(None, help="reference statistics .npz (default: committed "
+                                                  "MNIST test statistics for the extractor)"),
+    noise_floor: bool = typer.Option(False, help="also FID of the sequential sampler over 3 seeds"),
+    tolerance: Optional[float] = typer.Option(None, help="FID tolerance to check against the "
+                                                         "noise floor (implies --noise-floor)"),
+    batch: int = typer.Option(500, min=1, help="sampling batch size"),
+    device: str = "auto",
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead"),
+):
+    """FID (extractor id and n always shown); with a schedule, a paired proxy vs sequential."""
+    import json
+
+    from tuner.quality import fid_command, format_fid
+
+    if samples is not None and not samples.exists():
+        raise UserError(f"samples not found: {samples}")
+    ckpt = checkpoint
+    if ckpt is None and (samples is None or noise_floor or tolerance is not None):
+        ckpt = DEFAULT_CKPT
+    result = fid_command(samples=samples, checkpoint=ckpt, schedule=schedule, n=n, seed=seed,
+                         extractor=extractor, ref=ref, weights=extractor_weights,
+                         floor=noise_floor, tolerance=tolerance, labels=labels,
+                         guidance=guidance, denoise=denoise, force=force, batch=batch,
+                         device=resolve_device(device),
+                         progress=not json_out and sys.stderr.isatty())
+    if json_out:
+        typer.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        for line in format_fid(result):
+            typer.echo(line)
+
+
+def main():  # pragma: no cover - console entry point
+    sys.exit(app())
