@@ -170,21 +170,23 @@ class MetaBlock(nn.Module):
             return a, b
         return torch.zeros_like(out), out
 
-    def forward(self, x, y=None):
-        """x (B, T, D) in image order -> (z in image order, mean log|det| per dimension)."""
-        x = self.permute(x)
-        x_in = x
+    def transform_params(self, x, y=None):
+        """Block-order tokens x (B, T, D) -> (a, b) of every token, shifted so token 0 gets (0, 0)."""
         h = self.proj_in(x) + self.permute(self.pos_embed, 0)
         ce = self.class_embedding(y, x.shape[0])
         if ce is not None:
             h = h + ce
-        mask = self.causal
         for layer in self.attn_blocks:
-            h = layer(h, mask)
+            h = layer(h, self.causal)
         out = self.proj_out(h)
         out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # shift by one token
-        a, b = self.split(out)
-        z = (x_in - b) * torch.exp(-a.float()).type(a.dtype)
+        return self.split(out)
+
+    def forward(self, x, y=None):
+        """x (B, T, D) in image order -> (z in image order, mean log|det| per dimension)."""
+        x = self.permute(x)
+        a, b = self.transform_params(x, y)
+        z = (x - b) * torch.exp(-a.float()).type(a.dtype)
         return self.permute(z), -a.mean(dim=[1, 2])
 
     def step(self, x_span, start: int, cache: KVCache, pos_embed, class_emb, q_scale=None):

@@ -1,0 +1,190 @@
+"""Per-block difficulty of the GS-Jacobi inverse, measured on a calibration batch.
+
+One forward pass gives every block's input x* and output z, i.e. the exact solution of the
+triangular system that sampling solves in that block. From them:
+
+* CRM (convergence ranking metric, arXiv 2505.12849):
+  ||mean_batch(alpha * x_in)||_2 * ||W_s||_2 + ||W_u||_2, alpha = exp(-log-scale), ||.||_2 the
+  spectral norm, W_s / W_u the log-scale / shift halves of the output projection weight.
+* IGM (initial guessing metric) per initial guess: one Jacobi step from the guess, residual to
+  x*, spectral norm of its batch mean (T x D matrix).
+* Measured convergence: the block's real GS-Jacobi iteration from each guess for several segment
+  counts, error max|x - x*| over the segment and batch after every pass. This is the search's
+  cost model (iterations needed per tolerance).
+
+Tables carry both `block` (forward index) and `sampling_step` (0 = first block run when sampling).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tarflow.checkpoint import atomic_write_text
+from tarflow.data import load_images, to_model_space
+from tarflow.errors import UserError
+from tarflow.model import TarFlow
+from tarflow.sampling import BlockSolver, Guidance, affine_inverse, segment_bounds, solve_segment
+from tarflow.schedule import INITS, BlockPlan
+
+CURVE_SEGMENTS = (1, 2, 4, 8)  # plus T; only those <= T
+TOLERANCES = (1e-1, 1e-2, 1e-3, 1e-4)
+CURVE_STOP = 1e-6  # a curve ends once a pass moves no value by more than this (float32 noise)
+
+
+@dataclass
+class Profile:
+    blocks: pd.DataFrame  # one row per block, forward order
+    curves: pd.DataFrame  # long: block, sampling_step, segments, init, segment, iteration, error, update
+    iters_to_tol: pd.DataFrame  # block, segments, init, tol, iters (max over segments)
+    meta: dict
+
+    def save(self, out: Path) -> None:
+        out = Path(out)
+        atomic_write_text(out / "profile.csv", self.blocks.to_csv(index=False))
+        atomic_write_text(out / "convergence.csv", self.curves.to_csv(index=False))
+        atomic_write_text(out / "iters_to_tol.csv", self.iters_to_tol.to_csv(index=False))
+        doc = {"meta": self.meta, "order": "rows in forward block order; sampling_step = B-1-block",
+               "blocks": self.blocks.to_dict(orient="records"),
+               "iters_to_tol": self.iters_to_tol.to_dict(orient="records"),
+               "convergence": self.curves.to_dict(orient="list")}
+        atomic_write_text(out / "profile.json", json.dumps(doc, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, out: Path) -> "Profile":
+        out = Path(out)
+        try:
+            doc = json.loads((out / "profile.json").read_text())
+            return cls(pd.DataFrame(doc["blocks"]), pd.DataFrame(doc["convergence"]),
+                       pd.DataFrame(doc["iters_to_tol"]), doc["meta"])
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"cannot read profile in {out}: {e}") from None
+
+    def iters_needed(self, block: int, segments: int, init: str, tol: float) -> int:
+        """Passes per segment the measured curves needed to reach `tol` (segment length if never)."""
+        c = self.curves[(self.curves.block == block) & (self.curves.segments == segments)
+                        & (self.curves.init == init)]
+        if c.empty:
+            return -(-int(self.meta["T"]) // segments)
+        need = []
+        for _, seg in c.groupby("segment"):
+            hit = seg[seg.error <= tol]
+            need.append(int(hit.iteration.min()) if len(hit) else int(seg.iteration.max()))
+        return max(need)
+
+
+def calibration_batch(data, n: int, seed: int, model: TarFlow):
+    """n images from `data` (all, in file order, when it holds exactly n), in model space."""
+    u8, labels = load_images(data)
+    cfg = model.cfg
+    if u8.shape[1:] != (cfg.in_channels, cfg.img_size, cfg.img_size):
+        raise UserError(f"{data}: images are {tuple(u8.shape[1:])}, the model expects "
+                        f"{(cfg.in_channels, cfg.img_size, cfg.img_size)}")
+    if n > len(u8):
+        raise UserError(f"{data} holds {len(u8)} images, fewer than --n {n}")
+    idx = np.arange(n) if n == len(u8) else np.sort(np.random.default_rng(seed).choice(len(u8), n, replace=False))
+    x = to_model_space(u8[idx]).to(model.var.device, model.var.dtype)
+    y = torch.from_numpy(labels[idx]).to(x.device) if labels is not None else None
+    return x, y
+
+
+def spectral(m: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(m.double(), ord=2))
+
+
+def initial_guess(init: str, z):
+    """The Jacobi starting point for a whole block: zeros keeping token 0, or the noise z itself."""
+    if init == "z":
+        return z.clone()
+    x0 = torch.zeros_like(z)
+    x0[:, 0] = z[:, 0]
+    return x0
+
+
+@torch.no_grad()
+def block_metrics(block, x_star, z, y) -> dict:
+    """CRM and IGM of one block; x_star, z in block token order."""
+    a, _ = block.transform_params(x_star, y)
+    D = x_star.shape[-1]
+    W = block.proj_out.weight
+    W_s, W_u = (W[:D], W[D:]) if block.nvp else (torch.zeros_like(W), W)
+    crm = spectral((torch.exp(-a) * x_star).mean(0)) * spectral(W_s) + spectral(W_u)
+    row = {"crm": crm}
+    for init in INITS:
+        a0, b0 = block.transform_params(initial_guess(init, z), y)
+        x1 = affine_inverse(z, a0, b0)
+        row[f"igm_{init}"] = spectral((x1 - x_star).mean(0))
+    return row
+
+
+@torch.no_grad()
+def convergence_curves(block, k, x_star, z, y, segment_counts, B) -> list[dict]:
+    """Run the real GS-Jacobi solver on this block, logging error to x* after every pass."""
+    rows = []
+    T = z.shape[1]
+    for S in segment_counts:
+        for init in INITS:
+            solver = BlockSolver(block, y, z.shape[0], Guidance(), z.device, z.dtype)
+            x = torch.empty_like(z)
+            carry = None
+            for j, (s, e) in enumerate(segment_bounds(T, S)):
+                L = e - s
+                target = x_star[:, s:e]
+                log = []
+                plan = BlockPlan(k, S, L, init, CURVE_STOP)
+                prev = {"x": None}
+
+                def record(it, new):
+                    err = float((new - target).abs().amax())
+                    upd = float((new - prev["x"]).abs().amax()) if prev["x"] is not None else float("nan")
+                    prev["x"] = new
+                    log.append((it, err, upd))
+
+                carry, _, _ = solve_segment(solver, z, x, s, e, plan, carry, last=e == T, record=record)
+                for it, err, upd in log:
+                    rows.append({"block": k, "sampling_step": B - 1 - k, "segments": S, "init": init,
+                                 "segment": j, "seg_len": L, "iteration": it, "error": err, "update": upd})
+                if not log:  # a one-token last segment is exact with no pass
+                    rows.append({"block": k, "sampling_step": B - 1 - k, "segments": S, "init": init,
+                                 "segment": j, "seg_len": L, "iteration": 0,
+                                 "error": float((x[:, s:e] - target).abs().amax()), "update": 0.0})
+    return rows
+
+
+def run_profile(model: TarFlow, x, y, *, curve_n: int = 64, progress=None) -> Profile:
+    """Profile every block. x: calibration images in model space; y: labels or None (unconditional)."""
+    cfg = model.cfg
+    B, T = cfg.num_blocks, cfg.num_patches
+    with torch.no_grad():
+        _, outputs, _ = model(x, y)
+    inputs = [model.patchify(x)] + outputs[:-1]
+    counts = sorted({s for s in CURVE_SEGMENTS if s <= T} | {T})
+    rows, curves = [], []
+    task = progress.add_task("profile", total=B) if progress else None
+    for k, block in enumerate(model.blocks):
+        x_star, z = block.permute(inputs[k]), block.permute(outputs[k])
+        row = {"block": k, "sampling_step": B - 1 - k} | block_metrics(block, x_star, z, y)
+        rows.append(row)
+        m = min(curve_n, len(x))
+        curves += convergence_curves(block, k, x_star[:m], z[:m], None if y is None else y[:m], counts, B)
+        if progress:
+            progress.advance(task)
+    table = pd.DataFrame(rows)
+    table["crm_share"] = 100 * table.crm / table.crm.sum()
+    igm_cols = [f"igm_{i}" for i in INITS]
+    table["best_init"] = table[igm_cols].idxmin(axis=1).str.removeprefix("igm_")
+    curves = pd.DataFrame(curves)
+    prof = Profile(table, curves, pd.DataFrame(), {"T": T, "num_blocks": B, "n": len(x), "curve_n": min(curve_n, len(x)),
+                                                  "labels": "given" if y is not None else "unconditional (mean class embedding)",
+                                                  "dtype": str(x.dtype).removeprefix("torch."),
+                                                  "fingerprint": getattr(model, "fingerprint", None)})
+    need = [{"block": k, "sampling_step": B - 1 - k, "segments": S, "init": init, "tol": tol,
+             "iters": prof.iters_needed(k, S, init, tol)}
+            for k in range(B) for S in counts for init in INITS for tol in TOLERANCES]
+    prof.iters_to_tol = pd.DataFrame(need)
+    return prof
