@@ -1,0 +1,97 @@
+"""`tune` end to end on the bundled model: export, validation, reproduction, resume."""
+
+import json
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tarflow.sampling import make_noise
+from tarflow.schedule import Schedule, resolve_schedule
+from tuner import quality
+from tuner.cli import app
+from tuner.search import TOL_CHOICES, Objective, TuneConfig
+
+runner = CliRunner()
+ARGS = ["--trials", "6", "--n", "32", "--batch", "16", "--verify-n", "64", "--device", "cpu",
+        "--tolerance", "50"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune") / "study"
+    res = runner.invoke(app, ["tune", *ARGS, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out, res.output
+
+
+def test_tune_exports_a_valid_schedule_with_provenance(study, model):
+    out, output = study
+    sched = resolve_schedule(str(out / "schedule.json"), model)
+    p = sched.provenance
+    assert p["tolerance"] == 50 and p["batch"] == 16 and p["device_class"] == "cpu"
+    assert p["fid_search"]["extractor"].startswith("mnist-cnn@") and p["fid_search"]["n"] == 32
+    assert p["fid_verify"]["n"] == 64 and p["fid_verify"]["gap"] <= 50
+    assert p["speedup_vs_sequential"] > 0 and "paper" in p["speedup_vs_seeds"]
+    assert "speed-up" in output and "x sequential" in output
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 6
+    assert {"latency_s", "fid", "fid_gap", "extractor", "n", "state", "feasible"} <= set(trials.columns)
+    assert set(trials.seed.dropna()) >= {"sequential", "paper", "sejd", "jacobi"}
+    assert (out / "profile" / "profile.csv").is_file()
+
+
+def test_exported_schedule_reproduces_its_proxy(study, model):
+    """Sampling the schedule on the search noise gives back the proxy error it recorded."""
+    out, _ = study
+    sched = Schedule.load(out / "schedule.json")
+    noise = make_noise(32, model, 0)
+    labels = quality.make_labels(32, model, "balanced", 0)
+    seq = resolve_schedule("sequential", model)
+    xs, xq = quality.sample_batched(model, sched, noise, labels, batch=16)[0], \
+        quality.sample_batched(model, seq, noise, labels, batch=16)[0]
+    proxy = quality.paired_proxy(xs, xq)
+    assert proxy["rmse_mean"] == pytest.approx(sched.provenance["proxy"]["rmse_mean"], rel=1e-4, abs=1e-6)
+
+
+def test_sample_runs_the_tuned_schedule_and_warns_on_other_batch(study, tmp_path):
+    out, _ = study
+    res = runner.invoke(app, ["sample", "--schedule", str(out / "schedule.json"), "--n", "4",
+                              "--device", "cpu", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert "warning" in res.output and "batch 16" in res.output
+    assert np.load(tmp_path / "s.npz")["x"].shape == (4, 1, 28, 28)
+
+
+def test_resume_adds_trials_to_the_same_study(study):
+    out, _ = study
+    res = runner.invoke(app, ["tune", *ARGS, "--out", str(out)])
+    assert res.exit_code == 2 and "--resume" in res.output
+    res = runner.invoke(app, ["tune", *ARGS[:1], "2", *ARGS[2:], "--out", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    st = optuna.load_study(study_name="tarflow-tune", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(st.trials) == 8
+    assert len(pd.read_csv(out / "trials.csv")) == 8
+
+
+def test_seed_schedules_lie_in_the_search_space(model):
+    from tuner.profile import calibration_batch, run_profile
+    from .test_profile import CALIB
+
+    x, _ = calibration_batch(CALIB, 16, 0, model)
+    prof = run_profile(model, x, None, curve_n=4)
+    obj = Objective(model, prof, TuneConfig(), "cpu", None, None)
+    seeds = obj.seed_schedules()
+    T = model.cfg.num_patches
+    assert all(p.segments == T for p in seeds["sequential"].plans)
+    tough = prof.blocks.sort_values("crm_share").block.iloc[-1]
+    paper = {p.block: p for p in seeds["paper"].plans}
+    assert paper[tough].segments == 8 and all(paper[k].segments == 1 for k in paper if k != tough)
+    assert seeds["sejd"].plans[0].segments == T
+    for s in seeds.values():
+        params = obj.params_of(s)
+        assert params["tol"] in TOL_CHOICES
+        assert obj.schedule_from_params(params).plans == s.plans

@@ -1,0 +1,385 @@
+"""Optuna search for the fastest per-block GS-Jacobi schedule within an FID tolerance.
+
+objective(trial) = measured sampling latency of the schedule (median over timed batches after a
+warm-up batch, device-synchronised); constraint (`trial.set_constraint`) = FID(schedule) -
+FID(sequential, same noise, same n) - tolerance <= 0. Multi-fidelity: the warm-up batch doubles
+as a paired-proxy check against the sequential samples, and a schedule whose proxy error is
+hopeless is pruned before any FID is paid for.
+
+Parameter names are stable: `b{k}_segments`, `b{k}_init`, `b{k}_iters_s{S}` (forward block k;
+the budget's range depends on the segment count S, hence its own name), and `tol`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+
+from tarflow.data import to_uint8
+from tarflow.errors import UserError
+from tarflow.sampling import make_noise, sample
+from tarflow.schedule import Schedule, builtin_schedule, make_plan
+
+from . import quality
+from .profile import Profile
+from .timing import device_info, summarize, timed
+
+SEGMENT_CHOICES = (1, 2, 4, 8)  # plus T (sequential block); only counts <= T
+TOL_CHOICES = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+PAPER_TOUGH_SEGMENTS, PAPER_TOUGH_ITERS, PAPER_EASY_ITERS = 8, 32, 10
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    tolerance: float = 1.0  # allowed FID increase over sequential (same noise, same n)
+    trials: int = 30
+    timeout: float | None = None  # seconds for the trial loop
+    batch: int = 64  # latency is measured for this batch size
+    n: int = 512  # FID samples per trial (a multiple of batch)
+    verify_n: int = 1024  # >= 2n, for the re-verification of the winner
+    extractor: str = "mnist-cnn"
+    verify_extractor: str = "mnist-cnn"
+    prune_rmse: float = 12.0  # pixel RMSE (0-255) on the warm-up batch above which a trial is pruned
+    seed: int = 0
+    labels: str = "balanced"
+    floor_seeds: tuple[int, ...] = (101, 102, 103)
+
+
+@dataclass
+class Baseline:
+    """Sequential reference on the search noise: samples, features, FID, latency."""
+
+    noise: torch.Tensor
+    labels: torch.Tensor | None
+    x: torch.Tensor
+    feats: np.ndarray
+    fid: float
+    latency: dict
+
+
+@dataclass
+class Trialled:
+    schedule: Schedule
+    latency: dict
+    fid: float
+    proxy: dict
+    passes: int
+    iters: list = field(default_factory=list)
+
+
+class Objective:
+    """Holds the model, profile and baseline; `objective(trial)` samples one schedule."""
+
+    def __init__(self, model, profile: Profile, cfg: TuneConfig, device, ref, extractor):
+        self.model, self.profile, self.cfg, self.device = model, profile, cfg, device
+        self.ref, self.ext = ref, extractor
+        self.T, self.B = model.cfg.num_patches, model.cfg.num_blocks
+        self.segment_choices = sorted({s for s in SEGMENT_CHOICES if s <= self.T} | {self.T})
+        self.baseline: Baseline | None = None
+
+    # --- search space -----------------------------------------------------------------------
+    def iters_cap(self, k: int, S: int) -> int:
+        """Budget range top: what the measured curves needed to reach 1e-4 (+1), at most L."""
+        L = -(-self.T // S)
+        need = max(self.profile.iters_needed(k, S, init, 1e-4) for init in ("zeros", "z"))
+        return max(1, min(L, need + 1))
+
+    def schedule_from_params(self, params: dict, name: str = "trial") -> Schedule:
+        tol = float(params["tol"])
+        plans = []
+        for k in range(self.B - 1, -1, -1):
+            S = int(params[f"b{k}_segments"])
+            plans.append(make_plan(k, S, int(params[f"b{k}_iters_s{S}"]), params[f"b{k}_init"], tol))
+        return Schedule(plans=tuple(plans), fingerprint=self.model.fingerprint, name=name)
+
+    def suggest(self, trial: optuna.Trial) -> Schedule:
+        params = {"tol": trial.suggest_categorical("tol", TOL_CHOICES)}
+        for k in range(self.B - 1, -1, -1):
+            S = trial.suggest_categorical(f"b{k}_segments", self.segment_choices)
+            params[f"b{k}_segments"] = S
+            params[f"b{k}_init"] = trial.suggest_categorical(f"b{k}_init", ("zeros", "z"))
+            params[f"b{k}_iters_s{S}"] = trial.suggest_int(f"b{k}_iters_s{S}", 1, self.iters_cap(k, S))
+        return self.schedule_from_params(params, name=f"trial-{trial.number}")
+
+    def params_of(self, sched: Schedule) -> dict:
+        """A schedule as search parameters (budgets clipped to the search range)."""
+        params = {"tol": min(TOL_CHOICES, key=lambda t: abs(t - sched.plans[-1].tol))}
+        for p in sched.plans:
+            S = p.segments if p.segments in self.segment_choices else min(
+                self.segment_choices, key=lambda s: abs(s - p.segments))
+            params[f"b{p.block}_segments"] = S
+            params[f"b{p.block}_init"] = p.init
+            params[f"b{p.block}_iters_s{S}"] = min(p.max_iters, self.iters_cap(p.block, S))
+        return params
+
+    def seed_schedules(self) -> dict[str, Schedule]:
+        """Known answers the search starts from and the report compares against."""
+        prof = self.profile.blocks
+        n_tough = max(1, math.ceil(self.B / 4))
+        tough = set(prof.sort_values("crm_share", ascending=False).block[:n_tough])
+        best = dict(zip(prof.block, prof.best_init))
+        paper = []
+        for k in range(self.B - 1, -1, -1):
+            if k in tough:
+                S = min(PAPER_TOUGH_SEGMENTS, self.T)
+                paper.append(make_plan(k, S, PAPER_TOUGH_ITERS, best[k], 0.0))
+            else:
+                paper.append(make_plan(k, 1, PAPER_EASY_ITERS, best[k], 0.0))
+        seeds = {
+            "sequential": builtin_schedule("sequential", self.model),
+            "paper": Schedule(plans=tuple(paper), fingerprint=self.model.fingerprint, name="paper"),
+            "sejd": builtin_schedule("sejd:tol=0.03", self.model),
+            "jacobi": builtin_schedule("jacobi:segments=4,max_iters=6,tol=1e-3", self.model),
+        }
+        # what was actually run: each seed as it lies in the search space
+        return {name: self.schedule_from_params(self.params_of(s), name) for name, s in seeds.items()}
+
+    # --- measurement ------------------------------------------------------------------------
+    def run(self, sched: Schedule, noise, labels, x_ref=None, prune=None):
+        """Sample noise in batches; the first batch is the warm-up (and the proxy check)."""
+        bs = self.cfg.batch
+        xs, secs, passes, iters = [], [], 0, None
+        for i in range(0, len(noise), bs):
+            lab = None if labels is None else labels[i:i + bs]
+            (x, st), s = timed(lambda: sample(self.model, noise[i:i + bs], sched, lab), self.device)
+            xs.append(x.float().cpu())
+            passes += st.passes
+            iters = iters or st.iters
+            if i == 0 and prune is not None and x_ref is not None:
+                prune(quality.paired_proxy(xs[0], x_ref[:len(xs[0])]))
+            if i > 0 or len(noise) <= bs:
+                secs.append(s)
+        return torch.cat(xs), summarize(secs), passes, iters
+
+    def prepare(self, progress=None):
+        """Sequential samples, features and FID on the search noise (computed once per run)."""
+        cfg = self.cfg
+        noise = make_noise(cfg.n, self.model, cfg.seed)
+        labels = quality.make_labels(cfg.n, self.model, cfg.labels, cfg.seed)
+        seq = builtin_schedule("sequential", self.model)
+        x, lat, _, _ = self.run(seq, noise, labels)
+        feats = self.ext.features(to_uint8(x))
+        fid = quality.fid_against(None, self.ref, self.ext, features=feats).fid
+        self.baseline = Baseline(noise, labels, x, feats, fid, lat)
+        return self.baseline
+
+    def evaluate(self, sched: Schedule, prune=None) -> Trialled:
+        base = self.baseline
+        x, lat, passes, iters = self.run(sched, base.noise, base.labels, base.x, prune)
+        feats = self.ext.features(to_uint8(x))
+        fid = quality.fid_against(None, self.ref, self.ext, features=feats).fid
+        proxy = quality.paired_proxy(x, base.x, self.ext, features_schedule=feats,
+                                     features_sequential=base.feats)
+        return Trialled(sched, lat, fid, proxy, passes, iters)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        sched = self.suggest(trial)
+
+        def prune(proxy):
+            trial.set_user_attr("warmup_rmse", proxy["rmse_mean"])
+            trial.report(proxy["rmse_mean"], step=0)
+            if proxy["nonfinite"] or proxy["rmse_mean"] > self.cfg.prune_rmse:
+                raise optuna.TrialPruned(f"paired proxy RMSE {proxy['rmse_mean']:.3g} > "
+                                         f"{self.cfg.prune_rmse:g}")
+
+        r = self.evaluate(sched, prune)
+        gap = r.fid - self.baseline.fid
+        trial.set_user_attr("fid", r.fid)
+        trial.set_user_attr("fid_gap", gap)
+        trial.set_user_attr("latency", r.latency)
+        trial.set_user_attr("proxy", r.proxy)
+        trial.set_user_attr("passes", r.passes)
+        trial.set_user_attr("iters", r.iters)
+        trial.set_constraint("fid_gap", gap - self.cfg.tolerance)
+        return r.latency["median_s"]
+
+
+def is_feasible(t: optuna.trial.FrozenTrial) -> bool:
+    return bool(t.constraints) and all(c <= 0 for c in t.constraints.values())
+
+
+def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    ok = [t for t in done if is_feasible(t)]
+    return sorted(ok, key=lambda t: t.value)
+
+
+def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame:
+    rows = []
+    for t in study.trials:
+        row = {"number": t.number, "state": t.state.name, "seed": t.user_attrs.get("seed", ""),
+               "latency_s": t.value, "fid": t.user_attrs.get("fid"), "fid_gap": t.user_attrs.get("fid_gap"),
+               "extractor": extractor_id, "n": n,
+               "feasible": is_feasible(t),
+               "proxy_rmse_mean": t.user_attrs.get("proxy", {}).get("rmse_mean"),
+               "proxy_rmse_max": t.user_attrs.get("proxy", {}).get("rmse_max"),
+               "warmup_rmse": t.user_attrs.get("warmup_rmse"), "passes": t.user_attrs.get("passes")}
+        row |= {f"param_{k}": v for k, v in t.params.items()}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def make_study(storage: str, name: str, seed: int, resume: bool) -> optuna.Study:
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, constant_liar=True)
+    try:
+        exists = name in optuna.study.get_all_study_names(storage)
+    except Exception as e:
+        raise UserError(f"cannot open Optuna storage {storage}: {e}") from None
+    if exists and not resume:
+        raise UserError(f"study '{name}' already exists in {storage}: pass --resume to add trials, "
+                        "or choose another --study / --out")
+    return optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                               sampler=sampler, load_if_exists=True)
+
+
+def verify(obj: Objective, candidates, cfg: TuneConfig, vext, vref, log=print):
+    """Re-run the best feasible schedules at verify_n on fresh noise; the first that holds wins."""
+    model = obj.model
+    noise = make_noise(cfg.verify_n, model, cfg.seed + 1)
+    labels = quality.make_labels(cfg.verify_n, model, cfg.labels, cfg.seed + 1)
+    seq = builtin_schedule("sequential", model)
+    x_seq, _, _, _ = obj.run(seq, noise, labels)
+    f_seq = vext.features(to_uint8(x_seq))
+    fid_seq = quality.fid_against(None, vref, vext, features=f_seq).fid
+    for t, sched in candidates:
+        x, _, _, _ = obj.run(sched, noise, labels)
+        feats = vext.features(to_uint8(x))
+        fid = quality.fid_against(None, vref, vext, features=feats).fid
+        proxy = quality.paired_proxy(x, x_seq, vext, features_schedule=feats, features_sequential=f_seq)
+        ok = fid - fid_seq <= cfg.tolerance
+        log(f"verify trial {t.number}: FID {fid:.4g} vs sequential {fid_seq:.4g} "
+            f"({vext.id}, n={cfg.verify_n}) -> {'ok' if ok else 'fails the tolerance'}")
+        if ok:
+            return t, sched, {"fid": fid, "fid_sequential": fid_seq, "gap": fid - fid_seq,
+                              "extractor": vext.id, "n": cfg.verify_n, "proxy": proxy}
+    return None, None, None
+
+
+def resolve_ref(extractor, ref_path, data, out: Path):
+    """Reference statistics: an explicit file, the committed bundled ones, or computed from --data."""
+    if ref_path is not None:
+        return quality.RefStats.load(ref_path)
+    bundled = quality.default_ref_path(extractor.name)
+    if data is None and bundled.is_file():
+        return quality.RefStats.load(bundled)
+    if data is None:
+        raise UserError(f"no reference statistics for {extractor.id}: pass --ref or --data")
+    return quality.reference_stats(data, extractor=extractor, split="test",
+                                   cache_path=out / f"ref_{extractor.name}.npz")
+
+
+def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage: str,
+         study_name: str, resume: bool, ref=None, verify_ref=None, data=None, log=print,
+         progress=None, checkpoint: str | None = None) -> dict:
+    """The whole search; writes schedule.json, trials.csv, summary.json into `out`.
+
+    Returns the summary; raises UserError on bad input. `summary["schedule"]` is None when no
+    schedule met the tolerance (then no schedule file is written).
+    """
+    if cfg.n % cfg.batch or cfg.verify_n < 2 * cfg.n:
+        raise UserError(f"--n ({cfg.n}) must be a multiple of --batch ({cfg.batch}) and "
+                        f"--verify-n ({cfg.verify_n}) at least 2x --n")
+    ext = quality.get_extractor(cfg.extractor, device=device)
+    vext = ext if cfg.verify_extractor == cfg.extractor else quality.get_extractor(cfg.verify_extractor, device=device)
+    ref_s = resolve_ref(ext, ref, data, out)
+    ref_v = ref_s if vext is ext else resolve_ref(vext, verify_ref, data, out)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI shows a progress bar instead
+    study = make_study(storage, study_name, cfg.seed, resume)
+    obj = Objective(model, profile, cfg, device, ref_s, ext)
+
+    t_start = time.perf_counter()
+    log(f"sequential baseline on {cfg.n} samples (batch {cfg.batch}) ...")
+    base = obj.prepare()
+    log(f"sequential: {base.latency['median_s'] * 1e3:.1f} ms/batch, FID {base.fid:.4g} ({ext.id}, n={cfg.n})")
+    floor = quality.noise_floor(model, ref=ref_s, extractor=ext, n=cfg.n, seeds=cfg.floor_seeds,
+                                labels=cfg.labels, batch=cfg.n)
+    warn = quality.tolerance_check(cfg.tolerance, floor)
+    log(f"noise floor: FID {floor['mean']:.4g} ± {floor['std']:.3g} ({ext.id}, n={cfg.n}, "
+        f"{len(floor['values'])} seeds)")
+    if warn:
+        log(f"warning: {warn}")
+
+    seeds = obj.seed_schedules()
+    if not study.trials:
+        for name, s in seeds.items():
+            study.enqueue_trial(obj.params_of(s), user_attrs={"seed": name})
+
+    def on_trial(study, trial):
+        if progress is not None:
+            feas = feasible_trials(study)
+            best = f"{feas[0].value * 1e3:.1f} ms" if feas else "-"
+            progress(len(study.trials), best, len(feas))
+
+    study.optimize(obj, n_trials=cfg.trials, timeout=cfg.timeout, callbacks=[on_trial],
+                   catch=(RuntimeError,))
+    search_s = time.perf_counter() - t_start
+
+    table = trials_table(study, ext.id, cfg.n)
+    feas = feasible_trials(study)
+    cands = [(t, obj.schedule_from_params(t.params, name=f"tuned (trial {t.number})")) for t in feas]
+    # verify the fastest few feasible candidates (sequential, if fastest, passes trivially)
+    trial, sched, ver = verify(obj, cands[:3], cfg, vext, ref_v, log) if cands else (None, None, None)
+
+    seed_rows = {}
+    for t in study.trials:
+        name = t.user_attrs.get("seed")
+        if name and t.state == optuna.trial.TrialState.COMPLETE:
+            seed_rows[name] = {"trial": t.number, "latency_s": t.value, "fid": t.user_attrs["fid"],
+                               "fid_gap": t.user_attrs["fid_gap"], "feasible": is_feasible(t),
+                               "proxy": t.user_attrs["proxy"], "passes": t.user_attrs["passes"],
+                               "iters": t.user_attrs["iters"],
+                               "schedule": seeds[name].to_dict()["blocks"]}
+    info = device_info(device)
+    summary = {
+        "tolerance": cfg.tolerance, "config": {k: v for k, v in cfg.__dict__.items()},
+        "device": info, "batch": cfg.batch, "trials": len(study.trials),
+        "feasible": len(feas), "search_seconds": round(search_s, 1), "study": study_name,
+        "sequential": {"latency": base.latency, "fid": base.fid, "extractor": ext.id, "n": cfg.n},
+        "noise_floor": floor, "tolerance_warning": warn, "seeds": seed_rows,
+        "model": model.fingerprint, "checkpoint": checkpoint, "schedule": None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    from tarflow.checkpoint import atomic_write_text
+    import json
+
+    atomic_write_text(out / "trials.csv", table.to_csv(index=False))
+    if sched is None:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+        return summary
+    lat = trial.value
+    # compare like with like: the sequential seed was timed inside the loop like every trial
+    seq_lat = seed_rows.get("sequential", {}).get("latency_s") or base.latency["median_s"]
+    prov = {
+        "tool": "tarflow-tuner", "tool_version": _version(), "date": time.strftime("%Y-%m-%d"),
+        "tolerance": cfg.tolerance, "trial": trial.number, "trials": len(study.trials),
+        "fid_search": {"fid": trial.user_attrs["fid"], "sequential": base.fid,
+                       "gap": trial.user_attrs["fid_gap"], "extractor": ext.id, "n": cfg.n,
+                       "noise_floor_std": floor["std"], "noise_floor_mean": floor["mean"]},
+        "fid_verify": ver, "latency_s": lat, "sequential_latency_s": seq_lat,
+        "speedup_vs_sequential": seq_lat / lat,
+        "speedup_vs_seeds": {k: v["latency_s"] / lat for k, v in seed_rows.items()},
+        "proxy": trial.user_attrs["proxy"], "batch": cfg.batch, **info,
+    }
+    sched = sched.with_provenance(**prov)
+    summary["schedule"] = sched.to_dict()
+    summary["chosen_trial"] = trial.number
+    summary["chosen_iters"] = trial.user_attrs["iters"]
+    sched.save(out / "schedule.json")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tarflow-tuner")
+    except PackageNotFoundError:
+        return "unknown"
