@@ -199,7 +199,8 @@ class MetaBlock(nn.Module):
         h = self.proj_in(x_span) + pos_embed[start:start + L]
         if class_emb is not None:
             h = h + class_emb
-        mask = self.causal[start:start + L, :start + L]
+        # a single query sees every cached key: no mask, which lets SDPA take its fastest path
+        mask = self.causal[start:start + L, :start + L] if L > 1 else None
         for i, layer in enumerate(self.attn_blocks):
             h = layer(h, mask, (cache.k[i], cache.v[i]), start, q_scale)
         return self.split(self.proj_out(h))

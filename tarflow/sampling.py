@@ -12,12 +12,12 @@ that block's token order (flipped for odd blocks). Blocks are sampled in reverse
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from .model import MetaBlock, TarFlow
+from .model import MetaBlock, TarFlow, layer_norm
 from .schedule import BlockPlan, Schedule
 
 
@@ -42,10 +42,17 @@ class Guidance:
 class SamplerStats:
     """Per block in sampling order: forward index, passes per segment, final residuals, fallbacks."""
 
+    T: int = 1
     blocks: list[int] = field(default_factory=list)
     iters: list[list[int]] = field(default_factory=list)
     residuals: list[list[float]] = field(default_factory=list)
     fallbacks: list[tuple[int, int]] = field(default_factory=list)  # (forward block, segment)
+    tokens: list[int] = field(default_factory=list)  # query tokens pushed through the transformer
+
+    @property
+    def nfe(self) -> float:
+        """Work in units of one full-sequence pass of one block (tokens / T)."""
+        return sum(self.tokens) / self.T if self.tokens else 0.0
 
     @property
     def passes(self) -> int:
@@ -54,7 +61,8 @@ class SamplerStats:
 
     def to_dict(self) -> dict:
         return {"blocks": self.blocks, "iters": self.iters, "residuals": self.residuals,
-                "fallbacks": [list(f) for f in self.fallbacks], "passes": self.passes}
+                "fallbacks": [list(f) for f in self.fallbacks], "passes": self.passes,
+                "nfe": self.nfe}
 
 
 def make_noise(n: int, model: TarFlow, seed: int) -> torch.Tensor:
@@ -133,7 +141,7 @@ def _invert_blocks(model: TarFlow, noise, labels, guidance: Guidance, solve_bloc
 def sequential(model: TarFlow, noise, labels=None, guidance: Guidance = Guidance(),
                callback=None):
     """Exact inverse: token by token with a K/V cache, B * (T - 1) transformer steps."""
-    stats = SamplerStats()
+    stats = SamplerStats(T=model.cfg.num_patches)
 
     def solve(solver: BlockSolver, z, k, stats):
         T = z.shape[1]
@@ -142,6 +150,7 @@ def sequential(model: TarFlow, noise, labels=None, guidance: Guidance = Guidance
             a, b = solver.params(x[:, i:i + 1], i)
             x[:, i + 1] = affine_inverse(z[:, i + 1], a[:, 0], b[:, 0])
         stats.blocks.append(k)
+        stats.tokens.append(T - 1)
         stats.iters.append([1] * (T - 1))
         stats.residuals.append([0.0] * (T - 1))
         if callback:
@@ -202,19 +211,20 @@ def gs_jacobi(model: TarFlow, noise, schedule: Schedule, labels=None,
     fixed point); default: 1 on CPU, 4 on CUDA.
     """
     plans = {p.block: p for p in schedule.plans}
-    stats = SamplerStats()
+    stats = SamplerStats(T=model.cfg.num_patches)
     if check_every is None:
         check_every = 4 if model.var.is_cuda else 1
 
     def solve(solver: BlockSolver, z, k, stats):
         plan, T = plans[k], z.shape[1]
         x = torch.empty_like(z)
-        carry, iters, res = None, [], []
+        carry, iters, res, tokens = None, [], [], 0
         bounds = segment_bounds(T, plan.segments)
         for j, (s, e) in enumerate(bounds):
             last = e == T
             prev = carry
             carry, used, r = solve_segment(solver, z, x, s, e, plan, prev, last, check_every)
+            tokens += used * (e - s)
             bad = not torch.isfinite(x[:, s:e]).all() or (carry is not None and not (
                 torch.isfinite(carry[0]).all() and torch.isfinite(carry[1]).all()))
             if bad:  # re-solve this segment exactly, one token per pass
@@ -224,9 +234,11 @@ def gs_jacobi(model: TarFlow, noise, schedule: Schedule, labels=None,
                 for t in range(s, e):
                     carry, u, r = solve_segment(solver, z, x, t, t + 1, one, carry, t + 1 == T)
                     used += u
+                    tokens += u
             iters.append(used)
             res.append(float(r))
         stats.blocks.append(k)
+        stats.tokens.append(tokens)
         stats.iters.append(iters)
         stats.residuals.append(res)
         if callback:
@@ -264,5 +276,42 @@ def sample(model: TarFlow, noise, schedule: Schedule, labels=None, guidance: Gui
     return x, stats
 
 
-def rmse(a, b) -> float:
-    return math.sqrt(float((a - b).double().pow(2).mean()))
+@torch.no_grad()
+def naive_sequential(model: TarFlow, noise, labels=None, guidance: Guidance = Guidance()):
+    """Reference-style sequential sampler, for benchmarks only: K/V grown by `torch.cat` every
+    step and separate conditional / unconditional passes, as public TarFlow code samples.
+    Same maths as `sequential`."""
+    x = noise.to(model.var.device, model.var.dtype) * model.var.sqrt()
+    n, T = x.shape[0], x.shape[1]
+    for k in reversed(range(len(model.blocks))):
+        block = model.blocks[k]
+        z = block.permute(x)
+        out = z.clone()
+        pos = block.permute(block.pos_embed, 0)
+        passes = [(block.class_embedding(labels, n), 1.0, [[] for _ in block.attn_blocks])]
+        if guidance.active:
+            passes.append((block.class_embedding(None, n), guidance.attn_temp, [[] for _ in block.attn_blocks]))
+        for i in range(T - 1):
+            ab = []
+            for emb, temp, caches in passes:
+                h = block.proj_in(out[:, i:i + 1]) + pos[i:i + 1]
+                if emb is not None:
+                    h = h + emb
+                for layer, cache in zip(block.attn_blocks, caches):
+                    att = layer.attention
+                    q, kk, v = att.qkv(layer_norm(att.norm, h)).view(n, 1, 3 * att.num_heads, -1).transpose(1, 2).chunk(3, 1)
+                    cache.append((kk, v))
+                    K = torch.cat([c[0] for c in cache], dim=2)
+                    V = torch.cat([c[1] for c in cache], dim=2)
+                    y = F.scaled_dot_product_attention(q / temp, K, V)
+                    h = h + att.proj(y.transpose(1, 2).reshape(n, 1, -1))
+                    h = h + layer.mlp(h)
+                ab.append(block.split(block.proj_out(h)))
+            (a, b) = ab[0]
+            if guidance.active:
+                w = guidance.scale * ((i + 1) / (T - 1) if guidance.anneal else 1.0)
+                (au, bu) = ab[1]
+                a, b = a + w * (a - au), b + w * (b - bu)
+            out[:, i + 1] = affine_inverse(z[:, i + 1], a[:, 0], b[:, 0])
+        x = block.permute(out)
+    return model.unpatchify(x)

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "studies" / "mnist" / "model.pth"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # tiny sequential ops: one thread is fastest and never oversubscribes
 
 
 @pytest.fixture(scope="session")

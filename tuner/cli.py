@@ -316,9 +316,9 @@ def profile(
 def tune(
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
     data: Path = typer.Option(DEFAULT_CALIB, help="calibration images for the profile (npz or folder)"),
-    tolerance: float = typer.Option(1.0, min=0.0, help="allowed FID increase over sequential"),
-    trials: int = typer.Option(30, min=1), timeout: Optional[float] = typer.Option(None, help="seconds"),
-    device: str = "auto", batch: int = typer.Option(64, min=1, help="batch size latency is tuned for"),
+    tolerance: float = typer.Option(10.0, min=0.0, help="allowed FID increase over sequential (same noise, same n)"),
+    trials: int = typer.Option(25, min=1), timeout: Optional[float] = typer.Option(None, help="seconds"),
+    device: str = "auto", batch: int = typer.Option(16, min=1, help="batch size latency is tuned for"),
     n: int = typer.Option(512, min=2, help="FID samples per trial (multiple of --batch)"),
     verify_n: int = typer.Option(1024, help="FID samples when re-verifying the winner (>= 2n)"),
     extractor: Optional[str] = typer.Option(None, help="FID features in the loop (default: mnist-cnn on CPU, inception on GPU)"),
@@ -329,7 +329,7 @@ def tune(
     resume: bool = typer.Option(False, help="add trials to an existing study"),
     prune_rmse: float = typer.Option(12.0, help="prune when warm-up pixel RMSE (0-255) exceeds this"),
     seed: int = 0,
-    out: Path = typer.Option(Path("studies/mnist/tune"), help="study folder"),
+    out: Path = typer.Option(Path("runs/tune"), help="study folder"),
     overwrite: bool = typer.Option(False, help="replace an existing schedule.json in --out"),
 ):
     """Search the fastest per-block schedule within an FID tolerance; writes schedule.json."""
@@ -366,9 +366,12 @@ def tune(
 
         summary = run_tune(model, prof, cfg, device=dev, out=out, storage=url, study_name=study,
                            resume=resume, ref=ref, log=prog.console.print, progress=report,
-                           checkpoint=str(checkpoint))
+                           checkpoint=_portable(checkpoint))
+    from tuner.report import write_report
+
+    html = write_report(out, out / "report.html", model=model, checkpoint=checkpoint, device=dev)
     if summary["schedule"] is None:
-        typer.echo(f"no schedule faster than sequential met FID tolerance {tolerance:g} "
+        typer.echo(f"no schedule met FID tolerance {tolerance:g} "
                    f"({summary['trials']} trials); nothing exported (see {out}/trials.csv)", err=True)
         raise typer.Exit(1)
     p = summary["schedule"]["provenance"]
@@ -378,12 +381,90 @@ def tune(
                f"{fv['gap']:+.3g} ({fv['extractor']}, n={fv['n']}; tolerance {tolerance:g}, noise floor "
                f"± {fs['noise_floor_std']:.3g} at n={fs['n']})")
     typer.echo("speed-up vs seeds: " + ", ".join(f"{k} {v:.2f}x" for k, v in p["speedup_vs_seeds"].items()))
+    typer.echo(f"report -> {html}")
+
+
+def _portable(path: Path) -> str:
+    """A path as it can be written into committed files: relative to the repo or cwd if possible."""
+    p = path.resolve()
+    for base in (STUDIES.parent, Path.cwd()):
+        if p.is_relative_to(base):
+            return p.relative_to(base).as_posix()
+    return path.name
+
+
+@app.command()
+@user_errors
+def bench(
+    schedules: list[str] = typer.Argument(None, help="schedule files or built-in names"),
+    checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
+    batch: int = typer.Option(16, min=1), repeats: int = typer.Option(5, min=1),
+    warmup: int = typer.Option(1, min=0), seed: int = 0,
+    guidance: float = typer.Option(0.0, min=0.0),
+    skip_reference: bool = typer.Option(False, help="skip the slow reference-style sequential sampler"),
+    device: str = "auto", dtype: str = "float32", force: bool = False,
+    out: Optional[Path] = typer.Option(None, help="write the results as JSON here"),
+):
+    """Time samplers side by side: reference-style and fast sequential, schedules, lower bound."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tarflow.checkpoint import atomic_write_text, load_checkpoint
+    from tarflow.sampling import Guidance
+    from tuner.bench import run_bench
+
+    if out is not None:
+        ensure_writable(out)
+    dev = resolve_device(device)
+    model = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype(dtype))
+    with progress_bar() as prog:
+        res = run_bench(model, schedules or [], batch=batch, device=dev, warmup=warmup,
+                        repeats=repeats, seed=seed, guidance=Guidance(guidance),
+                        skip_naive=skip_reference, force=force, progress=prog)
+    res["command"] = "tarflow-tuner bench " + " ".join(sys.argv[2:])
+    table = Table(title=f"batch {batch} on {res['device_name']} (torch {res['torch']}), "
+                        f"median of {repeats} after {warmup} warm-up")
+    for col in ("sampler", "median ms", "spread ms", "x vs fast seq", "x vs ref seq",
+                "/ lower bound", "NFE-eq", "proxy RMSE"):
+        table.add_column(col, justify="right")
+    for r in res["rows"]:
+        lat = r["latency"]
+        ref_x = r["speedup_vs_reference_sequential"]
+        table.add_row(r["name"], f"{lat['median_s'] * 1e3:.1f}",
+                      f"{lat['min_s'] * 1e3:.1f}-{lat['max_s'] * 1e3:.1f}",
+                      f"{r['speedup_vs_fast_sequential']:.2f}", "-" if ref_x is None else f"{ref_x:.2f}",
+                      f"{r['ratio_to_lower_bound']:.1f}", f"{r['nfe']:.1f}",
+                      f"{r['proxy']['rmse_mean']:.3g}" if "proxy" in r else "-")
+    Console().print(table)
+    if out is not None:
+        atomic_write_text(out, json.dumps(res, indent=1) + "\n")
+        typer.echo(f"wrote {out}")
 
 
 def _count(data: Path) -> int:
     from tarflow.data import load_images
 
     return len(load_images(data)[0])
+
+
+@app.command()
+@user_errors
+def report(
+    study_dir: Path = typer.Argument(..., help="study folder written by `tune`"),
+    out: Optional[Path] = typer.Option(None, help="HTML file (default: STUDY_DIR/report.html)"),
+    checkpoint: Optional[Path] = typer.Option(None, help="model for the sample pictures "
+                                              "(default: the checkpoint the study records)"),
+    n_grid: int = typer.Option(32, min=1, help="images per sample grid"),
+    device: str = "cpu",
+):
+    """One self-contained HTML report of a study (opens offline): profile, search, schedules, samples."""
+    from tuner.report import write_report
+
+    path = write_report(study_dir, out or study_dir / "report.html", checkpoint=checkpoint,
+                        n_grid=n_grid, device=resolve_device(device))
+    typer.echo(f"wrote {path}")
 
 
 def main():  # pragma: no cover - console entry point

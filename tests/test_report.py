@@ -1,0 +1,160 @@
+"""The HTML report: self-contained, every section and plot present, one-line errors, renders.
+
+A tiny but real study is built once per module with the same library calls `tune` makes (a
+small profile and a 5-trial search on the bundled model); a second copy has its schedule
+removed, as when nothing met the tolerance.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+from typer.testing import CliRunner
+
+from tarflow.errors import UserError
+from tuner.cli import app
+from tuner.report import write_report
+
+from .conftest import BUNDLED, ROOT
+
+SECTIONS = ("Summary", "Profile", "Search", "Schedules compared", "Samples", "How to use this schedule")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy machine two spinning threads can be ~40x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, one_thread):
+    from tarflow.checkpoint import load_checkpoint
+    from tuner.profile import calibration_batch, run_profile
+    from tuner.search import TuneConfig, tune
+
+    out = tmp_path_factory.mktemp("study")
+    model = load_checkpoint(BUNDLED)
+    x, _ = calibration_batch(ROOT / "studies" / "mnist" / "calibration.npz", 16, 0, model)
+    prof = run_profile(model, x, None, curve_n=8)
+    prof.save(out / "profile")
+    cfg = TuneConfig(trials=5, n=16, batch=16, verify_n=32, floor_seeds=(101, 102, 103),
+                     tolerance=1e6)  # anything goes: a schedule is always exported
+    tune(model, prof, cfg, device="cpu", out=out, storage=f"sqlite:///{(out / 'study.db').as_posix()}",
+         study_name="t", resume=False, log=lambda *a, **k: None, checkpoint=str(BUNDLED))
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(study):
+    path = write_report(study, study / "report.html", n_grid=8)
+    return path, path.read_text()
+
+
+@pytest.fixture(scope="module")
+def no_schedule_study(study, tmp_path_factory):
+    d = tmp_path_factory.mktemp("nosched") / "study"
+    shutil.copytree(study, d, ignore=shutil.ignore_patterns("report.html"))
+    (d / "schedule.json").unlink()
+    s = json.loads((d / "summary.json").read_text())
+    s["schedule"] = None
+    s.pop("chosen_trial", None)
+    s.pop("chosen_iters", None)
+    (d / "summary.json").write_text(json.dumps(s))
+    return d
+
+
+def outside_scripts(page: str) -> str:
+    return re.sub(r"<script\b[^>]*>.*?</script>", "", page, flags=re.S | re.I)
+
+
+def test_report_is_self_contained(report, study):
+    path, page = report
+    assert path.is_file() and page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page, re.I)
+    assert not re.search(r"<link\b", page, re.I)
+    assert not re.search(r"<i?frame\b|<object\b|<embed\b", page, re.I)
+    assert page.count("<script") >= 7  # plotly.js once, then one small call per figure
+    assert "Plotly.newPlot" in page
+    html = outside_scripts(page)
+    assert not re.search(r"(src|href)\s*=\s*[\"']?\s*(https?:)?//", html, re.I)
+    assert not re.search(r"@import|url\(\s*[\"']?https?:", html, re.I)
+    assert "cdn" not in html.lower()
+    for machine_path in (str(ROOT), str(study.resolve())):  # none in a report meant to be shared
+        assert machine_path not in page
+
+
+def test_report_has_sections_plots_and_pictures(report, study):
+    _, page = report
+    for title in SECTIONS:
+        assert re.search(rf"<h2[^>]*>{re.escape(title)}</h2>", page), title
+    assert page.count('class="plotly-graph-div"') >= 6
+    assert outside_scripts(page).count('src="data:image/png;base64,') == 3
+    summary = json.loads((study / "summary.json").read_text())
+    ext = summary["sequential"]["extractor"]
+    assert f"{ext}, n={summary['sequential']['n']}" in page  # every FID names its extractor and n
+    assert "forward block index; sampling runs block 3 first" in page
+    assert "sampling order" in page
+    assert "tarflow-tuner sample --checkpoint" in page
+    assert "No schedule was exported" not in page
+    for seed in ("sequential", "uniform Jacobi", "paper heuristic", "SeJD rule"):
+        assert seed in page
+
+
+def test_report_without_schedule_says_so(no_schedule_study, tmp_path):
+    out = write_report(no_schedule_study, tmp_path / "r.html", n_grid=4)
+    page = out.read_text()
+    assert "No schedule was exported" in page
+    assert page.count('class="plotly-graph-div"') >= 6  # profile and search still shown
+    assert outside_scripts(page).count('src="data:image/png;base64,') == 1  # sequential grid only
+
+
+def test_report_cli_default_out_and_errors(study, tmp_path):
+    res = runner.invoke(app, ["report", str(study), "--out", str(tmp_path / "cli.html"), "--n-grid", "4"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli.html").stat().st_size > 100_000
+    for args, text in ((["report", str(tmp_path / "nowhere")], "not a tarflow-tuner study folder"),
+                       (["report", str(tmp_path)], "not a tarflow-tuner study folder"),
+                       (["report", str(study), "--checkpoint", str(tmp_path / "none.pth")],
+                        "checkpoint not found")):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert text in res.output and "Traceback" not in res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_invalid_summary_is_a_user_error(tmp_path):
+    (tmp_path / "summary.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a valid study summary"):
+        write_report(tmp_path, tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium not installed")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    path, _ = report
+    png = tmp_path / "shot.png"
+    with tempfile.TemporaryDirectory() as profile_dir:
+        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                        "--disable-sync", f"--user-data-dir={profile_dir}", "--window-size=1400,3000",
+                        "--virtual-time-budget=5000", f"--screenshot={png}", path.resolve().as_uri()],
+                       check=True, capture_output=True, timeout=120)
+    assert png.is_file() and png.stat().st_size > 50_000
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # drawn plots, not a blank page
+    # plots drawn: plotly's SVG renders coloured marks in the upper part of the page
+    top = img[: img.shape[0] // 2]
+    coloured = (top.max(axis=2).astype(int) - top.min(axis=2)) > 60
+    assert coloured.mean() > 0.002
