@@ -13,6 +13,7 @@ Built-in names, with optional inline parameters (`name:key=value,...`):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -55,9 +56,9 @@ class Schedule:
         return {
             "schema_version": self.schema_version,
             "name": self.name,
-            "fingerprint": self.fingerprint,
+            "fingerprint": copy.deepcopy(self.fingerprint),
             "blocks": [asdict(p) for p in self.plans],
-            "provenance": self.provenance,
+            "provenance": copy.deepcopy(self.provenance),
         }
 
     def to_json(self) -> str:
