@@ -46,6 +46,11 @@ class TarFlowConfig:
         return asdict(self)
 
 
+def exp_fp32(a):
+    """exp computed in float32 or wider (half-precision log-scales overflow), returned in a's dtype."""
+    return torch.exp(a if a.dtype == torch.float64 else a.float()).type(a.dtype)
+
+
 def layer_norm(norm: nn.LayerNorm, x):
     """LayerNorm computed in at least float32 (keeps half-precision sampling stable)."""
     if x.dtype == torch.float64:
@@ -186,7 +191,7 @@ class MetaBlock(nn.Module):
         """x (B, T, D) in image order -> (z in image order, mean log|det| per dimension)."""
         x = self.permute(x)
         a, b = self.transform_params(x, y)
-        z = (x - b) * torch.exp(-a.float()).type(a.dtype)
+        z = (x - b) * exp_fp32(-a)
         return self.permute(z), -a.mean(dim=[1, 2])
 
     def step(self, x_span, start: int, cache: KVCache, pos_embed, class_emb, q_scale=None):

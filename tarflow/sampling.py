@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .model import MetaBlock, TarFlow, layer_norm
+from .model import MetaBlock, TarFlow, exp_fp32, layer_norm
 from .schedule import BlockPlan, Schedule
 
 
@@ -122,7 +122,7 @@ class BlockSolver:
 
 def affine_inverse(z, a, b):
     """x = z * exp(a) + b (inverse of z = (x - b) * exp(-a)), exp in float32 at least."""
-    return z * torch.exp(a.float()).type(a.dtype) + b
+    return z * exp_fp32(a) + b
 
 
 def _invert_blocks(model: TarFlow, noise, labels, guidance: Guidance, solve_block, stats):
