@@ -160,6 +160,32 @@ def sequential(model: TarFlow, noise, labels=None, guidance: Guidance = Guidance
     return _invert_blocks(model, noise, labels, guidance, solve, stats), stats
 
 
+ANDERSON_REG = 1e-3  # Tikhonov weight, relative to the mean diagonal of the residual Gram matrix
+
+
+def anderson_mix(xs_hist: list, g_hist: list, exact: int):
+    """Triangular Anderson mixing (after ParaTAA, arXiv 2402.09970) of Jacobi iterates.
+
+    xs_hist / g_hist: the last h+1 inputs x_j and plain Jacobi outputs G(x_j), oldest first,
+    each (N, L, D). Token t of sample n gets its own mixing weights, fitted on the residuals of
+    tokens <= t only (cumulative Gram sums), so mixing never lets a token see a later one.
+    Tokens [0, exact) keep the plain step: they are exact already or become exact with it,
+    which keeps "a budget of L passes is exact" true.
+    """
+    X, G = torch.stack(xs_hist), torch.stack(g_hist)  # (h+1, N, L, D)
+    F = G - X
+    dF, dG = F[1:] - F[:-1], G[1:] - G[:-1]  # (h, N, L, D)
+    gram = torch.einsum("inld,jnld->nlij", dF, dF).cumsum(1)  # (N, L, h, h)
+    rhs = torch.einsum("inld,nld->nli", dF, F[-1]).cumsum(1)
+    h = gram.shape[-1]
+    eye = torch.eye(h, dtype=gram.dtype, device=gram.device)
+    lam = ANDERSON_REG * gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True) + torch.finfo(gram.dtype).tiny
+    gamma = torch.linalg.solve(gram + lam[..., None] * eye, rhs[..., None])[..., 0]  # (N, L, h)
+    mixed = G[-1] - torch.einsum("nli,inld->nld", gamma, dG)
+    mixed[:, :exact] = G[-1][:, :exact]
+    return mixed
+
+
 def solve_segment(solver: BlockSolver, z, x, s: int, e: int, plan: BlockPlan, carry, last: bool,
                   check_every: int = 1, record=None):
     """Jacobi passes on block-order tokens [s, e) of x (written in place); returns (carry, used, residual).
@@ -168,7 +194,9 @@ def solve_segment(solver: BlockSolver, z, x, s: int, e: int, plan: BlockPlan, ca
     segment), so after n updates tokens s..s+n are exact and a budget of L = e - s passes
     is exact. Each pass writes the K/V of its *input*, so a segment that later segments will
     read ends on the input of its last pass (K/V consistent with the kept iterate); the last
-    segment of a block needs no K/V and keeps the newest iterate.
+    segment of a block needs no K/V and keeps the newest iterate. With `plan.anderson` = m the
+    next iterate is Anderson-mixed over the last m passes; `residual` is always the plain
+    update max |G(x) - x|, the fixed-point residual the tolerance is compared with.
     """
     L = e - s
     zs = z[:, s:e]
@@ -176,6 +204,7 @@ def solve_segment(solver: BlockSolver, z, x, s: int, e: int, plan: BlockPlan, ca
     xs[:, 0] = zs[:, 0] if carry is None else affine_inverse(zs[:, 0], *carry)
     budget = min(plan.max_iters, L - 1 if last else L)
     used, residual = 0, torch.zeros((), device=z.device, dtype=z.dtype)
+    xs_hist, g_hist = [], []
     for it in range(budget):
         a, b = solver.params(xs, s)
         new = torch.empty_like(xs)
@@ -183,6 +212,10 @@ def solve_segment(solver: BlockSolver, z, x, s: int, e: int, plan: BlockPlan, ca
         new[:, 1:] = affine_inverse(zs[:, 1:], a[:, :-1], b[:, :-1])
         residual = (new - xs).abs().amax()
         carry, used = (a[:, -1], b[:, -1]), it + 1
+        if plan.anderson:
+            xs_hist, g_hist = (xs_hist + [xs])[-plan.anderson - 1:], (g_hist + [new])[-plan.anderson - 1:]
+            if len(xs_hist) > 1:
+                new = anderson_mix(xs_hist, g_hist, exact=it + 2)
         if record is not None:
             record(it + 1, new)
         final_pass = it + 1 == budget

@@ -6,8 +6,8 @@ schema version and a model fingerprint, and is validated on load with one-line m
 
 Built-in names, with optional inline parameters (`name:key=value,...`):
   sequential                       every block token by token (the exact reference)
-  jacobi:segments=1,max_iters=T,init=zeros,tol=0   one plan for every block
-  sejd:tol=0.05,init=zeros         block sampled first sequential, the rest one-segment Jacobi
+  jacobi:segments=1,max_iters=T,init=zeros,tol=0,anderson=0   one plan for every block
+  sejd:tol=0.05,init=zeros,anderson=0   block sampled first sequential, the rest one-segment Jacobi
                                    with early stop on the max-norm update (after arXiv 2505.24791)
 """
 
@@ -22,9 +22,11 @@ from pathlib import Path
 from .checkpoint import atomic_write_text
 from .errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added the optional per-block `anderson` history (version 1 files still load)
+READABLE_VERSIONS = (1, 2)
 INITS = ("zeros", "z")  # initial Jacobi guess: zeros (token 0 kept) or the block's input noise z
-PLAN_KEYS = ("block", "segments", "max_iters", "init", "tol")
+ANDERSON_MAX = 5  # longest Anderson history a plan may ask for
+PLAN_KEYS = ("block", "segments", "max_iters", "init", "tol", "anderson")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class BlockPlan:
 
     block: forward block index. segments: Gauss-Seidel segments (1..T, need not divide T).
     max_iters: parallel passes per segment (>= segment length makes it exact).
-    init: initial guess. tol: early stop when max |x_new - x| over the segment and batch <= tol.
+    init: initial guess. tol: early stop when the plain Jacobi update max |G(x) - x| over the
+    segment and batch is <= tol. anderson: Anderson mixing history m (0 = plain Jacobi).
     """
 
     block: int
@@ -41,6 +44,7 @@ class BlockPlan:
     max_iters: int
     init: str = "zeros"
     tol: float = 0.0
+    anderson: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,9 @@ class Schedule:
         if not isinstance(obj, dict):
             raise UserError(f"{source}: expected a JSON object")
         version = obj.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise UserError(f"{source}: unknown schema_version {version!r} (this tool reads {SCHEMA_VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise UserError(f"{source}: unknown schema_version {version!r} "
+                            f"(this tool reads {', '.join(map(str, READABLE_VERSIONS))})")
         blocks = obj.get("blocks")
         if not isinstance(blocks, list) or not blocks:
             raise UserError(f"{source}: 'blocks' must be a non-empty list")
@@ -137,16 +142,18 @@ def _plan_from_dict(d, where: str) -> BlockPlan:
     unknown = set(d) - set(PLAN_KEYS)
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    for k in ("block", "segments", "max_iters"):
+    for k in ("block", "segments", "max_iters", "anderson"):
         if k not in d:
+            if k == "anderson":
+                continue
             raise UserError(f"{where}: missing '{k}'")
         if not isinstance(d[k], int) or isinstance(d[k], bool):
             raise UserError(f"{where}: '{k}' must be an integer, got {d[k]!r}")
     return make_plan(d["block"], d["segments"], d["max_iters"], d.get("init", "zeros"),
-                     d.get("tol", 0.0), where)
+                     d.get("tol", 0.0), where, d.get("anderson", 0))
 
 
-def make_plan(block, segments, max_iters, init="zeros", tol=0.0, where="schedule") -> BlockPlan:
+def make_plan(block, segments, max_iters, init="zeros", tol=0.0, where="schedule", anderson=0) -> BlockPlan:
     if segments < 1:
         raise UserError(f"{where}: segments must be >= 1, got {segments}")
     if max_iters < 1:
@@ -155,7 +162,9 @@ def make_plan(block, segments, max_iters, init="zeros", tol=0.0, where="schedule
         raise UserError(f"{where}: unknown init {init!r} (choose from {', '.join(INITS)})")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
         raise UserError(f"{where}: tol must be a finite number >= 0, got {tol!r}")
-    return BlockPlan(int(block), int(segments), int(max_iters), init, float(tol))
+    if not 0 <= anderson <= ANDERSON_MAX:
+        raise UserError(f"{where}: anderson must be 0 (off) .. {ANDERSON_MAX}, got {anderson}")
+    return BlockPlan(int(block), int(segments), int(max_iters), init, float(tol), int(anderson))
 
 
 # --- built-in named schedules -----------------------------------------------------------
@@ -185,14 +194,16 @@ def builtin_schedule(spec: str, model) -> Schedule:
         _params(args, {}, name)
         plans = [make_plan(k, T, 1, "zeros", 0.0) for k in order]
     elif name == "jacobi":
-        p = _params(args, {"segments": 1, "max_iters": None, "init": "zeros", "tol": 0.0}, name)
+        p = _params(args, {"segments": 1, "max_iters": None, "init": "zeros", "tol": 0.0, "anderson": 0}, name)
         p["max_iters"] = p["max_iters"] if p["max_iters"] is not None else -(-T // p["segments"])
         if p["segments"] > T:
             raise UserError(f"schedule 'jacobi': segments={p['segments']} exceeds T={T}")
-        plans = [make_plan(k, p["segments"], p["max_iters"], p["init"], p["tol"], spec) for k in order]
+        plans = [make_plan(k, p["segments"], p["max_iters"], p["init"], p["tol"], spec, p["anderson"])
+                 for k in order]
     elif name == "sejd":
-        p = _params(args, {"tol": 0.05, "init": "zeros", "max_iters": T}, name)
-        plans = [make_plan(k, T, 1) if i == 0 else make_plan(k, 1, p["max_iters"], p["init"], p["tol"], spec)
+        p = _params(args, {"tol": 0.05, "init": "zeros", "max_iters": T, "anderson": 0}, name)
+        plans = [make_plan(k, T, 1) if i == 0 else
+                 make_plan(k, 1, p["max_iters"], p["init"], p["tol"], spec, p["anderson"])
                  for i, k in enumerate(order)]
     else:
         raise UserError(f"unknown schedule '{spec}': give a JSON file or one of sequential, jacobi, sejd")

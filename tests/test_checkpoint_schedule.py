@@ -80,11 +80,23 @@ def test_loading_bad_checkpoints_names_the_problem(tmp_path, model):
 
 
 def test_schedule_json_roundtrip(model):
-    s = builtin_schedule("jacobi:segments=3,max_iters=5,init=z,tol=0.01", model).with_provenance(note="x")
+    s = builtin_schedule("jacobi:segments=3,max_iters=5,init=z,tol=0.01,anderson=2", model).with_provenance(note="x")
     s2 = Schedule.from_json(s.to_json())
-    assert s2 == s
+    assert s2 == s and all(p.anderson == 2 for p in s2.plans)
     assert [p.block for p in s2.plans] == list(range(model.cfg.num_blocks - 1, -1, -1))
-    assert json.loads(s.to_json())["schema_version"] == 1
+    assert json.loads(s.to_json())["schema_version"] == 2
+
+
+def test_version_1_schedule_files_still_load(model):
+    """Files written before the `anderson` field (e.g. the committed study) load as plain Jacobi."""
+    d = builtin_schedule("jacobi:segments=2", model).to_dict()
+    d["schema_version"] = 1
+    for b in d["blocks"]:
+        del b["anderson"]
+    s = Schedule.from_dict(d)
+    assert all(p.anderson == 0 for p in s.plans)
+    study = resolve_schedule(str(BUNDLED.parent / "tune" / "schedule.json"), model)
+    assert all(p.anderson == 0 for p in study.plans) and study.schema_version == 2  # upgraded on load
 
 
 def _doc(model, **over):
@@ -106,7 +118,9 @@ def _doc(model, **over):
     ({"b0_tol": -1}, "tol must be"),
     ({"b0_segments": 50}, "exceeds the sequence length T=49"),
     ({"b0_block": 0}, "expected 3"),
-    ({"b0_anderson": 2}, "unknown key"),
+    ({"b0_anderson": 9}, "anderson must be 0"),
+    ({"b0_anderson": 1.5}, "'anderson' must be an integer"),
+    ({"b0_accel": 2}, "unknown key"),
 ])
 def test_schedule_validation_messages(model, tmp_path, over, msg):
     p = tmp_path / "s.json"

@@ -61,14 +61,15 @@ def test_every_curve_converges_by_its_segment_length(prof):
     _, p = prof
     c = p.curves
     assert set(c.segments) == {1, 2, 4, 8, 49}
-    for _, seg in c.groupby(["block", "segments", "init", "segment"]):
+    assert set(c.anderson) == {0, 2, 3} and set(c[c.anderson > 0].segments) == {1}
+    for _, seg in c.groupby(["block", "segments", "init", "anderson", "segment"]):
         assert seg.iteration.max() <= seg.seg_len.iloc[0]
         assert seg.sort_values("iteration").error.iloc[-1] <= 1e-5
 
 
 def test_iters_to_tol_is_monotone_in_tolerance(prof):
     _, p = prof
-    for _, g in p.iters_to_tol.groupby(["block", "segments", "init"]):
+    for _, g in p.iters_to_tol.groupby(["block", "segments", "init", "anderson"]):
         g = g.sort_values("tol")
         assert list(g.iters) == sorted(g.iters, reverse=True)
         assert (g.iters >= 1).all()

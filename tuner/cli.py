@@ -289,7 +289,7 @@ def profile(
     from rich.table import Table
 
     from tarflow.checkpoint import load_checkpoint
-    from tuner.profile import calibration_batch, run_profile
+    from tuner.profile import ANDERSON_CURVES, calibration_batch, run_profile
 
     refuse_overwrite(out, ("profile.csv", "convergence.csv", "profile.json"), overwrite)
     model = load_checkpoint(checkpoint, device=resolve_device(device), dtype=resolve_dtype(dtype))
@@ -300,13 +300,14 @@ def profile(
         prof = run_profile(model, x, y if labels else None, curve_n=curve_n, progress=prog)
     prof.save(out)
     table = Table(title=f"Block profile (forward order; sampling_step 0 runs first), n={len(x)}")
+    anderson = ANDERSON_CURVES
     for col in ("block", "sampling_step", "crm", "crm_share %", "igm_zeros", "igm_z", "best_init",
-                "iters@1e-3 (S=1)"):
+                "iters@1e-3 (S=1)", *(f"… Anderson m={m}" for m in anderson)):
         table.add_column(col, justify="right")
     for r in prof.blocks.itertuples():
-        need = prof.iters_needed(r.block, 1, r.best_init, 1e-3)
+        need = [prof.iters_needed(r.block, 1, r.best_init, 1e-3, m) for m in (0, *anderson)]
         table.add_row(str(r.block), str(r.sampling_step), f"{r.crm:.3g}", f"{r.crm_share:.1f}",
-                      f"{r.igm_zeros:.3g}", f"{r.igm_z:.3g}", r.best_init, str(need))
+                      f"{r.igm_zeros:.3g}", f"{r.igm_z:.3g}", r.best_init, *map(str, need))
     Console().print(table)
     typer.echo(f"wrote {out}/profile.csv, convergence.csv, iters_to_tol.csv, profile.json")
 

@@ -9,7 +9,8 @@ triangular system that sampling solves in that block. From them:
 * IGM (initial guessing metric) per initial guess: one Jacobi step from the guess, residual to
   x*, spectral norm of its batch mean (T x D matrix).
 * Measured convergence: the block's real GS-Jacobi iteration from each guess for several segment
-  counts, error max|x - x*| over the segment and batch after every pass. This is the search's
+  counts, error max|x - x*| over the segment and batch after every pass, plus Anderson-mixed
+  iteration (column `anderson` = history m, 0 = plain) at one segment. This is the search's
   cost model (iterations needed per tolerance).
 
 Tables carry both `block` (forward index) and `sampling_step` (0 = first block run when sampling).
@@ -33,6 +34,7 @@ from tarflow.sampling import BlockSolver, Guidance, affine_inverse, segment_boun
 from tarflow.schedule import INITS, BlockPlan
 
 CURVE_SEGMENTS = (1, 2, 4, 8)  # plus T; only those <= T
+ANDERSON_CURVES = (2, 3)  # Anderson histories measured at one segment from the IGM-best guess
 TOLERANCES = (1e-1, 1e-2, 1e-3, 1e-4)
 CURVE_STOP = 1e-6  # a curve ends once a pass moves no value by more than this (float32 noise)
 
@@ -40,8 +42,8 @@ CURVE_STOP = 1e-6  # a curve ends once a pass moves no value by more than this (
 @dataclass
 class Profile:
     blocks: pd.DataFrame  # one row per block, forward order
-    curves: pd.DataFrame  # long: block, sampling_step, segments, init, segment, iteration, error, update
-    iters_to_tol: pd.DataFrame  # block, segments, init, tol, iters (max over segments)
+    curves: pd.DataFrame  # long: block, sampling_step, segments, init, anderson, segment, iteration, error, update
+    iters_to_tol: pd.DataFrame  # block, segments, init, anderson, tol, iters (max over segments)
     meta: dict
 
     def save(self, out: Path) -> None:
@@ -60,15 +62,18 @@ class Profile:
         out = Path(out)
         try:
             doc = json.loads((out / "profile.json").read_text())
-            return cls(pd.DataFrame(doc["blocks"]), pd.DataFrame(doc["convergence"]),
-                       pd.DataFrame(doc["iters_to_tol"]), doc["meta"])
+            curves, need = pd.DataFrame(doc["convergence"]), pd.DataFrame(doc["iters_to_tol"])
+            for table in (curves, need):  # profiles written before Anderson curves existed
+                if "anderson" not in table:
+                    table["anderson"] = 0
+            return cls(pd.DataFrame(doc["blocks"]), curves, need, doc["meta"])
         except (OSError, json.JSONDecodeError, KeyError) as e:
             raise UserError(f"cannot read profile in {out}: {e}") from None
 
-    def iters_needed(self, block: int, segments: int, init: str, tol: float) -> int:
+    def iters_needed(self, block: int, segments: int, init: str, tol: float, anderson: int = 0) -> int:
         """Passes per segment the measured curves needed to reach `tol` (segment length if never)."""
         c = self.curves[(self.curves.block == block) & (self.curves.segments == segments)
-                        & (self.curves.init == init)]
+                        & (self.curves.init == init) & (self.curves.anderson == anderson)]
         if c.empty:
             return -(-int(self.meta["T"]) // segments)
         need = []
@@ -123,36 +128,35 @@ def block_metrics(block, x_star, z, y) -> dict:
 
 
 @torch.no_grad()
-def convergence_curves(block, k, x_star, z, y, segment_counts, B) -> list[dict]:
-    """Run the real GS-Jacobi solver on this block, logging error to x* after every pass."""
+def convergence_curves(block, k, x_star, z, y, configs, B) -> list[dict]:
+    """Run the real GS-Jacobi solver on this block for each (segments, init, anderson) config,
+    logging the error to x* after every pass."""
     rows = []
     T = z.shape[1]
-    for S in segment_counts:
-        for init in INITS:
-            solver = BlockSolver(block, y, z.shape[0], Guidance(), z.device, z.dtype)
-            x = torch.empty_like(z)
-            carry = None
-            for j, (s, e) in enumerate(segment_bounds(T, S)):
-                L = e - s
-                target = x_star[:, s:e]
-                log = []
-                plan = BlockPlan(k, S, L, init, CURVE_STOP)
-                prev = {"x": None}
+    for S, init, anderson in configs:
+        solver = BlockSolver(block, y, z.shape[0], Guidance(), z.device, z.dtype)
+        x = torch.empty_like(z)
+        carry = None
+        for j, (s, e) in enumerate(segment_bounds(T, S)):
+            L = e - s
+            target = x_star[:, s:e]
+            log = []
+            plan = BlockPlan(k, S, L, init, CURVE_STOP, anderson)
+            prev = {"x": None}
 
-                def record(it, new):
-                    err = float((new - target).abs().amax())
-                    upd = float((new - prev["x"]).abs().amax()) if prev["x"] is not None else float("nan")
-                    prev["x"] = new
-                    log.append((it, err, upd))
+            def record(it, new):
+                err = float((new - target).abs().amax())
+                upd = float((new - prev["x"]).abs().amax()) if prev["x"] is not None else float("nan")
+                prev["x"] = new
+                log.append((it, err, upd))
 
-                carry, _, _ = solve_segment(solver, z, x, s, e, plan, carry, last=e == T, record=record)
-                for it, err, upd in log:
-                    rows.append({"block": k, "sampling_step": B - 1 - k, "segments": S, "init": init,
-                                 "segment": j, "seg_len": L, "iteration": it, "error": err, "update": upd})
-                if not log:  # a one-token last segment is exact with no pass
-                    rows.append({"block": k, "sampling_step": B - 1 - k, "segments": S, "init": init,
-                                 "segment": j, "seg_len": L, "iteration": 0,
-                                 "error": float((x[:, s:e] - target).abs().amax()), "update": 0.0})
+            carry, _, _ = solve_segment(solver, z, x, s, e, plan, carry, last=e == T, record=record)
+            if not log:  # a one-token last segment is exact with no pass
+                log.append((0, float((x[:, s:e] - target).abs().amax()), 0.0))
+            for it, err, upd in log:
+                rows.append({"block": k, "sampling_step": B - 1 - k, "segments": S, "init": init,
+                             "anderson": anderson, "segment": j, "seg_len": L, "iteration": it,
+                             "error": err, "update": upd})
     return rows
 
 
@@ -171,7 +175,9 @@ def run_profile(model: TarFlow, x, y, *, curve_n: int = 64, progress=None) -> Pr
         row = {"block": k, "sampling_step": B - 1 - k} | block_metrics(block, x_star, z, y)
         rows.append(row)
         m = min(curve_n, len(x))
-        curves += convergence_curves(block, k, x_star[:m], z[:m], None if y is None else y[:m], counts, B)
+        best = min(INITS, key=lambda i: row[f"igm_{i}"])
+        configs = [(S, init, 0) for S in counts for init in INITS] + [(1, best, m_) for m_ in ANDERSON_CURVES]
+        curves += convergence_curves(block, k, x_star[:m], z[:m], None if y is None else y[:m], configs, B)
         if progress:
             progress.advance(task)
     table = pd.DataFrame(rows)
@@ -183,8 +189,8 @@ def run_profile(model: TarFlow, x, y, *, curve_n: int = 64, progress=None) -> Pr
                                                   "labels": "given" if y is not None else "unconditional (mean class embedding)",
                                                   "dtype": str(x.dtype).removeprefix("torch."),
                                                   "fingerprint": getattr(model, "fingerprint", None)})
-    need = [{"block": k, "sampling_step": B - 1 - k, "segments": S, "init": init, "tol": tol,
-             "iters": prof.iters_needed(k, S, init, tol)}
-            for k in range(B) for S in counts for init in INITS for tol in TOLERANCES]
+    need = [{"block": k, "sampling_step": B - 1 - k, "segments": S, "init": init, "anderson": m_, "tol": tol,
+             "iters": prof.iters_needed(k, S, init, tol, m_)}
+            for (k, S, init, m_), _ in curves.groupby(["block", "segments", "init", "anderson"]) for tol in TOLERANCES]
     prof.iters_to_tol = pd.DataFrame(need)
     return prof

@@ -260,28 +260,31 @@ def convergence_figure(st: StudyFolder) -> str:
     for i, k in enumerate(blocks):
         r, c = divmod(i, cols)
         cb = curves[(curves.block == k) & (curves.iteration > 0)]
-        for S in seg_counts:
-            for init, dash in (("zeros", "solid"), ("z", "dot")):
-                cc = cb[(cb.segments == S) & (cb.init == init)]
-                if cc.empty:
-                    continue
-                # error of the block after pass i: max over segments (a finished segment keeps its last error)
-                piv = cc.pivot_table(index="iteration", columns="segment", values="error", aggfunc="max")
-                err = piv.ffill().max(axis=1)
-                err = err[err > 0]
-                key = (S, init)
-                fig.add_trace(go.Scatter(
-                    x=err.index, y=err.values, mode="lines", line=dict(color=colors[S], dash=dash, width=1.8),
-                    name=f"S={S}, init={init}", legendgroup=f"{S}-{init}", showlegend=key not in shown,
-                    hovertemplate=f"block {k}, S={S}, init={init}<br>pass %{{x}}: max error %{{y:.3g}}<extra></extra>"),
-                    r + 1, c + 1)
-                shown.add(key)
+        variants = [(S, init, dash, 0) for S in seg_counts for init, dash in (("zeros", "solid"), ("z", "dot"))]
+        variants += [(1, init, "dashdot", m) for m in sorted(set(cb.anderson) - {0})
+                     for init in sorted(set(cb[cb.anderson == m].init))]
+        for S, init, dash, m in variants:
+            cc = cb[(cb.segments == S) & (cb.init == init) & (cb.anderson == m)]
+            if cc.empty:
+                continue
+            # error of the block after pass i: max over segments (a finished segment keeps its last error)
+            piv = cc.pivot_table(index="iteration", columns="segment", values="error", aggfunc="max")
+            err = piv.ffill().max(axis=1)
+            err = err[err > 0]
+            label = f"S={S}, init={init}" + (f", Anderson m={m}" if m else "")
+            color = colors.get(S, PALETTE[0]) if not m else PALETTE[(len(seg_counts) + m) % len(PALETTE)]
+            fig.add_trace(go.Scatter(
+                x=err.index, y=err.values, mode="lines", line=dict(color=color, dash=dash, width=1.8),
+                name=label, legendgroup=label, showlegend=label not in shown,
+                hovertemplate=f"block {k}, {label}<br>pass %{{x}}: max error %{{y:.3g}}<extra></extra>"),
+                r + 1, c + 1)
+            shown.add(label)
     fig.update_yaxes(type="log", exponentformat="power", showexponent="all")
     fig.update_yaxes(title_text="max |x − x*| (all segments)", col=1)
     fig.update_xaxes(title_text="Jacobi pass per segment", row=rows)
     fig.update_layout(legend=dict(orientation="h", y=-0.18 if rows == 1 else -0.1),
                       title=dict(text="Measured GS-Jacobi convergence per block (forward block index): "
-                                      "S segments, solid = zeros init, dotted = z init", font=dict(size=14)))
+                                      "S segments, solid = zeros init, dotted = z init, dash-dot = Anderson", font=dict(size=14)))
     return fig_html(fig, 380 * rows + 80)
 
 
@@ -528,7 +531,8 @@ def plans_from_params(row: dict, B: int) -> list[dict] | None:
         for k in range(B - 1, -1, -1):
             S = int(row[f"param_b{k}_segments"])
             plans.append({"block": k, "segments": S, "max_iters": int(row[f"param_b{k}_iters_s{S}"]),
-                          "init": str(row[f"param_b{k}_init"]), "tol": tol})
+                          "init": str(row[f"param_b{k}_init"]), "tol": tol,
+                          "anderson": int(float(row.get(f"param_b{k}_anderson", 0) or 0))})
         return plans
     except (KeyError, TypeError, ValueError):
         return None
@@ -538,7 +542,8 @@ def format_plan(p: dict, T: int) -> str:
     if p["segments"] >= T:
         return "token by token"
     tol = f", tol {p['tol']:g}" if p.get("tol") else ""
-    return f"S={p['segments']} × ≤{p['max_iters']}, {p['init']}{tol}"
+    anderson = f", Anderson m={p['anderson']}" if p.get("anderson") else ""
+    return f"S={p['segments']} × ≤{p['max_iters']}, {p['init']}{tol}{anderson}"
 
 
 def format_used(iters) -> str:

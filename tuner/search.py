@@ -6,8 +6,8 @@ FID(sequential, same noise, same n) - tolerance <= 0. Multi-fidelity: the warm-u
 as a paired-proxy check against the sequential samples, and a schedule whose proxy error is
 hopeless is pruned before any FID is paid for.
 
-Parameter names are stable: `b{k}_segments`, `b{k}_init`, `b{k}_iters_s{S}` (forward block k;
-the budget's range depends on the segment count S, hence its own name), and `tol`.
+Parameter names are stable: `b{k}_segments`, `b{k}_init`, `b{k}_anderson`, `b{k}_iters_s{S}`
+(forward block k; the budget's range depends on the segment count S, hence its own name), and `tol`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .timing import device_info, summarize, timed
 
 SEGMENT_CHOICES = (1, 2, 4, 8)  # plus T (sequential block); only counts <= T
 TOL_CHOICES = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+ANDERSON_CHOICES = (0, 2, 3)  # Anderson history per block (0 = plain Jacobi)
 PAPER_TOUGH_SEGMENTS, PAPER_TOUGH_ITERS, PAPER_EASY_ITERS = 8, 32, 10
 
 
@@ -98,7 +99,8 @@ class Objective:
         plans = []
         for k in range(self.B - 1, -1, -1):
             S = int(params[f"b{k}_segments"])
-            plans.append(make_plan(k, S, int(params[f"b{k}_iters_s{S}"]), params[f"b{k}_init"], tol))
+            plans.append(make_plan(k, S, int(params[f"b{k}_iters_s{S}"]), params[f"b{k}_init"], tol,
+                                   anderson=int(params.get(f"b{k}_anderson", 0))))
         return Schedule(plans=tuple(plans), fingerprint=self.model.fingerprint, name=name)
 
     def suggest(self, trial: optuna.Trial) -> Schedule:
@@ -107,6 +109,7 @@ class Objective:
             S = trial.suggest_categorical(f"b{k}_segments", self.segment_choices)
             params[f"b{k}_segments"] = S
             params[f"b{k}_init"] = trial.suggest_categorical(f"b{k}_init", ("zeros", "z"))
+            params[f"b{k}_anderson"] = trial.suggest_categorical(f"b{k}_anderson", ANDERSON_CHOICES)
             params[f"b{k}_iters_s{S}"] = trial.suggest_int(f"b{k}_iters_s{S}", 1, self.iters_cap(k, S))
         return self.schedule_from_params(params, name=f"trial-{trial.number}")
 
@@ -118,6 +121,7 @@ class Objective:
                 self.segment_choices, key=lambda s: abs(s - p.segments))
             params[f"b{p.block}_segments"] = S
             params[f"b{p.block}_init"] = p.init
+            params[f"b{p.block}_anderson"] = min(ANDERSON_CHOICES, key=lambda m: abs(m - p.anderson))
             params[f"b{p.block}_iters_s{S}"] = min(p.max_iters, self.iters_cap(p.block, S))
         return params
 
