@@ -90,7 +90,7 @@ class BlockSolver:
     """
 
     def __init__(self, block: MetaBlock, labels, n: int, guidance: Guidance, device, dtype):
-        self.block, self.n, self.g = block, n, guidance
+        self.block, self.n, self.g, self.dtype = block, n, guidance, dtype
         T = block.pos_embed.shape[0]
         rows = 2 * n if guidance.active else n
         self.cache = block.new_cache(rows, device, dtype)
@@ -103,16 +103,22 @@ class BlockSolver:
         if guidance.active and guidance.attn_temp != 1.0:
             self.q_scale = torch.ones(rows, 1, 1, 1, device=device, dtype=dtype)
             self.q_scale[n:] = 1.0 / guidance.attn_temp
-        w = torch.full((T,), guidance.scale, device=device, dtype=dtype)
+        wt = state_dtype(dtype)
+        w = torch.full((T,), guidance.scale, device=device, dtype=wt)
         if guidance.anneal:
-            w = w * torch.arange(1, T + 1, device=device, dtype=dtype) / max(1, T - 1)
+            w = w * torch.arange(1, T + 1, device=device, dtype=wt) / max(1, T - 1)
         self.w = w.view(1, T, 1)
 
     def params(self, x_span, start: int):
-        """(a, b) for tokens start+1 .. start+L, writing the span's K/V into the cache."""
+        """(a, b) for tokens start+1 .. start+L, writing the span's K/V into the cache.
+
+        The transformer runs in the weights' dtype; (a, b) come back in the iterate's dtype, so
+        with half-precision weights the guidance mix and the affine update stay in float32."""
+        state = x_span.dtype
         if self.g.active:
             x_span = x_span.repeat(2, 1, 1)
-        a, b = self.block.step(x_span, start, self.cache, self.pos, self.class_emb, self.q_scale)
+        a, b = self.block.step(x_span.to(self.dtype), start, self.cache, self.pos, self.class_emb, self.q_scale)
+        a, b = a.to(state), b.to(state)
         if self.g.active:
             w = self.w[:, start:start + a.shape[1]]
             (ac, au), (bc, bu) = a.chunk(2), b.chunk(2)
@@ -125,14 +131,23 @@ def affine_inverse(z, a, b):
     return z * exp_fp32(a) + b
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(weight_dtype):
+    """Dtype of the sampler's iterates: float32 for half-precision weights, else the weights'."""
+    return torch.float32 if weight_dtype in HALF else weight_dtype
+
+
 def _invert_blocks(model: TarFlow, noise, labels, guidance: Guidance, solve_block, stats):
-    x = noise.to(model.var.device, model.var.dtype) * model.var.sqrt()
+    wdtype = model.var.dtype
+    x = noise.to(model.var.device, state_dtype(wdtype)) * model.var.to(state_dtype(wdtype)).sqrt()
     n = x.shape[0]
     if labels is not None:
         labels = labels.to(x.device)
     for k in reversed(range(len(model.blocks))):
         block = model.blocks[k]
-        solver = BlockSolver(block, labels, n, guidance, x.device, x.dtype)
+        solver = BlockSolver(block, labels, n, guidance, x.device, wdtype)
         x = block.permute(solve_block(solver, block.permute(x), k, stats))
     return model.unpatchify(x)
 
@@ -284,7 +299,7 @@ def gs_jacobi(model: TarFlow, noise, schedule: Schedule, labels=None,
 @torch.enable_grad()
 def denoise(model: TarFlow, x, labels=None, noise_std: float = 0.1):
     """One score step (Tweedie): x + sigma^2 * grad log p(x), undoing training noise augmentation."""
-    x = x.detach().clone().requires_grad_(True)
+    x = x.detach().to(model.var.dtype).clone().requires_grad_(True)
     z, _, logdet = model(x, labels)
     D = z.shape[1] * z.shape[2]
     # per-sample negative log-density = D * (0.5 mean z^2 - mean logdet) + const
@@ -314,7 +329,8 @@ def naive_sequential(model: TarFlow, noise, labels=None, guidance: Guidance = Gu
     """Reference-style sequential sampler, for benchmarks only: K/V grown by `torch.cat` every
     step and separate conditional / unconditional passes, as public TarFlow code samples.
     Same maths as `sequential`."""
-    x = noise.to(model.var.device, model.var.dtype) * model.var.sqrt()
+    wdtype = model.var.dtype
+    x = noise.to(model.var.device, state_dtype(wdtype)) * model.var.to(state_dtype(wdtype)).sqrt()
     n, T = x.shape[0], x.shape[1]
     for k in reversed(range(len(model.blocks))):
         block = model.blocks[k]
@@ -327,7 +343,7 @@ def naive_sequential(model: TarFlow, noise, labels=None, guidance: Guidance = Gu
         for i in range(T - 1):
             ab = []
             for emb, temp, caches in passes:
-                h = block.proj_in(out[:, i:i + 1]) + pos[i:i + 1]
+                h = block.proj_in(out[:, i:i + 1].to(wdtype)) + pos[i:i + 1]
                 if emb is not None:
                     h = h + emb
                 for layer, cache in zip(block.attn_blocks, caches):
@@ -339,7 +355,7 @@ def naive_sequential(model: TarFlow, noise, labels=None, guidance: Guidance = Gu
                     y = F.scaled_dot_product_attention(q / temp, K, V)
                     h = h + att.proj(y.transpose(1, 2).reshape(n, 1, -1))
                     h = h + layer.mlp(h)
-                ab.append(block.split(block.proj_out(h)))
+                ab.append(tuple(t.to(x.dtype) for t in block.split(block.proj_out(h))))
             (a, b) = ab[0]
             if guidance.active:
                 w = guidance.scale * ((i + 1) / (T - 1) if guidance.anneal else 1.0)

@@ -42,6 +42,8 @@ def test_tune_exports_a_valid_schedule_with_provenance(study, model):
     assert {"latency_s", "fid", "fid_gap", "extractor", "n", "state", "feasible"} <= set(trials.columns)
     assert set(trials.seed.dropna()) >= {"sequential", "paper", "sejd", "jacobi"}
     assert (out / "profile" / "profile.csv").is_file()
+    for name in ("sequential", "paper", "sejd", "jacobi"):  # baselines as runnable files
+        assert resolve_schedule(str(out / "seeds" / f"{name}.json"), model).name
 
 
 def test_exported_schedule_reproduces_its_proxy(study, model):

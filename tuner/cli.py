@@ -76,7 +76,8 @@ def resolve_device(device: str) -> str:
 def resolve_dtype(dtype: str):
     import torch
 
-    table = {"float32": torch.float32, "float64": torch.float64}
+    table = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}  # half: weights and K/V only, iterates stay float32
     if dtype not in table:
         raise UserError(f"--dtype must be one of {', '.join(table)}, got {dtype!r}")
     return table[dtype]
@@ -301,8 +302,10 @@ def profile(
     prof.save(out)
     table = Table(title=f"Block profile (forward order; sampling_step 0 runs first), n={len(x)}")
     anderson = ANDERSON_CURVES
-    for col in ("block", "sampling_step", "crm", "crm_share %", "igm_zeros", "igm_z", "best_init",
-                "iters@1e-3 (S=1)", *(f"… Anderson m={m}" for m in anderson)):
+    table.caption = ("passes: one segment from the best init until max |x - x*| <= 1e-3; "
+                     "AA m: the same with Anderson mixing over m passes")
+    for col in ("block", "samp. step", "crm", "crm %", "igm zeros", "igm z", "best init",
+                "passes", *(f"AA m={m}" for m in anderson)):
         table.add_column(col, justify="right")
     for r in prof.blocks.itertuples():
         need = [prof.iters_needed(r.block, 1, r.best_init, 1e-3, m) for m in (0, *anderson)]

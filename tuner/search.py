@@ -306,7 +306,7 @@ def resolve_ref(extractor, ref_path, data, out: Path):
 def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage: str,
          study_name: str, resume: bool, ref=None, verify_ref=None, data=None, log=print,
          progress=None, checkpoint: str | None = None) -> dict:
-    """The whole search; writes schedule.json, trials.csv, summary.json into `out`.
+    """The whole search; writes schedule.json, trials.csv, summary.json and seeds/*.json into `out`.
 
     Returns the summary; raises UserError on bad input. `summary["schedule"]` is None when no
     schedule met the tolerance (then no schedule file is written).
@@ -374,7 +374,8 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
         "model": model.fingerprint, "checkpoint": checkpoint, "schedule": None,
     }
     out.mkdir(parents=True, exist_ok=True)
-
+    for name, s in seeds.items():  # the baselines compared against, as files `sample` and `bench` run
+        s.save(out / "seeds" / f"{name}.json")
     atomic_write_text(out / "trials.csv", table.to_csv(index=False))
     if sched is None:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
