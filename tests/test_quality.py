@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tarflow.errors import UserError
 from tuner import quality as q
-from tuner.cli import app
+from tuner.cli import DEFAULT_CKPT, app
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -250,6 +250,10 @@ def test_noise_floor_and_converged_proxy_on_bundled_model(model, cnn):
     assert floor["std"] > 0 and floor["resolution"] == pytest.approx(2 * np.sqrt(2) * floor["std"])
     with pytest.raises(UserError, match=">= 3 distinct seeds"):
         q.noise_floor(model, ref=ref, extractor=cnn, n=20, seeds=(0, 0, 1))
+    # `fid` reuses its own seed-0 sequential FID inside the floor: same values as measuring afresh
+    out = q.fid_command(checkpoint=DEFAULT_CKPT, n=20, seed=0, floor=True, batch=20)
+    assert out["noise_floor"]["values"] == pytest.approx(floor["values"], abs=1e-6)
+    assert out["noise_floor"]["values"][0] == pytest.approx(out["fid"], abs=1e-9)
     noise = make_noise(8, model, 5)
     lab = q.make_labels(8, model)
     seq, _ = q.sample_batched(model, resolve_schedule("sequential", model), noise, lab)

@@ -479,11 +479,12 @@ def sample_batched(model, schedule, noise: torch.Tensor, labels=None, guidance=0
 
 def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
                 labels: str = "balanced", guidance=0.0, denoise_std: float = 0.0,
-                batch: int = 500, progress: bool = False) -> dict:
+                batch: int = 500, progress: bool = False, known: dict | None = None) -> dict:
     """FID of the sequential (exact) sampler over >= 3 noise seeds at the same n.
 
     Its seed-to-seed std is how much FID moves from noise alone at this n: differences in FID
-    smaller than that (see `fid_resolution`) say nothing about a schedule.
+    smaller than that (see `fid_resolution`) say nothing about a schedule. `known` maps a seed
+    to a FID already measured with these exact settings, so it is not paid for twice.
     """
     from tarflow.data import to_uint8
     from tarflow.sampling import make_noise
@@ -495,7 +496,11 @@ def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
     ext = get_extractor(extractor) if isinstance(extractor, str) else extractor
     seq = resolve_schedule("sequential", model)
     values, secs = [], 0.0
+    known = known or {}
     for s in seeds:
+        if s in known:
+            values.append(float(known[s]))
+            continue
         t0 = time.perf_counter()
         x, _ = sample_batched(model, seq, make_noise(n, model, s), make_labels(n, model, labels, s),
                               guidance, batch, denoise_std)
@@ -615,7 +620,7 @@ def fid_command(*, samples=None, checkpoint=None, schedule: str = "sequential", 
     ref_path = Path(ref) if ref else default_ref_path(ext.name)
     refstats = RefStats.load(ref_path)
     out: dict = {"extractor": ext.id, "ref_path": str(ref_path)}
-    model = None
+    model, sched_is_seq = None, False
     if checkpoint is not None:
         from tarflow.checkpoint import load_checkpoint
 
@@ -646,7 +651,8 @@ def fid_command(*, samples=None, checkpoint=None, schedule: str = "sequential", 
         u8 = to_uint8(x)
         feats = ext.features(u8, progress=progress)
         res = fid_against(u8, refstats, ext, features=feats)
-        if not is_sequential(sched, model.cfg.num_patches):
+        sched_is_seq = is_sequential(sched, model.cfg.num_patches)
+        if not sched_is_seq:
             seq = resolve_schedule("sequential", model)
             t0 = time.perf_counter()
             x_seq, _ = sample_batched(model, seq, noise, lab, guidance, batch, dstd)
@@ -658,9 +664,12 @@ def fid_command(*, samples=None, checkpoint=None, schedule: str = "sequential", 
     if floor or tolerance is not None:
         if model is None:
             raise UserError("the noise floor needs a model: pass --checkpoint")
+        # seed `seed` of the sequential sampler was just measured: reuse it (Inception is slow)
+        known = ({seed: res.fid} if samples is None and sched_is_seq else {})
         out["noise_floor"] = noise_floor(model, ref=refstats, extractor=ext, n=res.n,
                                          seeds=floor_seeds, labels=labels, guidance=guidance,
-                                         denoise_std=dstd, batch=batch, progress=progress)
+                                         denoise_std=dstd, batch=batch, progress=progress,
+                                         known=known)
         if tolerance is not None:
             out["tolerance"] = tolerance
             out["tolerance_warning"] = tolerance_check(tolerance, out["noise_floor"])
