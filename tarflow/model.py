@@ -165,6 +165,7 @@ class MetaBlock(nn.Module):
         mean = self.class_embed.mean(dim=0)  # (1, C)
         if y is None:
             return mean.expand(batch, 1, -1)
+        y = y.long()  # uint8 labels (as MNIST stores them) would index as a boolean mask
         uncond = (y < 0).view(-1, 1, 1)
         return torch.where(uncond, mean, self.class_embed[y.clamp(min=0)])
 

@@ -48,6 +48,16 @@ def test_odd_blocks_see_flipped_tokens(model):
     assert (e1[:, :-1] - e0[:, :-1]).abs().max() == 0  # identity: last token conditions nothing
 
 
+def test_uint8_labels_mean_classes_not_a_mask(model):
+    """MNIST stores labels as uint8; they must pick class embeddings like int64 labels do."""
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    y = torch.tensor([3, 0, 9, 3])
+    with torch.no_grad():
+        z_long, _, ld_long = model(x, y)
+        z_u8, _, ld_u8 = model(x, y.to(torch.uint8))
+    assert torch.equal(z_long, z_u8) and torch.equal(ld_long, ld_u8)
+
+
 def test_plain_state_dict_roundtrip_with_options(tmp_path, model):
     path = tmp_path / "official.pth"
     torch.save(model.state_dict(), path)  # no sidecar, as an official file
