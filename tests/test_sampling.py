@@ -60,6 +60,28 @@ def test_converged_anderson_gs_jacobi_equals_sequential_float64(model64, S, m):
     assert not stats.fallbacks
 
 
+def test_long_sequence_model_converged_gs_jacobi_equals_sequential():
+    """The committed T = 196 model: non-dividing segment counts stay exact on a long sequence."""
+    from tarflow.checkpoint import load_checkpoint
+
+    from .conftest import ROOT
+
+    path = ROOT / "studies" / "mnist_p2" / "model.pth"
+    m64 = load_checkpoint(path, dtype=torch.float64)
+    assert m64.cfg.num_patches == 196
+    noise = make_noise(2, m64, seed=9)
+    ref, _ = sequential(m64, noise, labels(2), Guidance(1.5))
+    for S in (1, 3, 13):  # 196 = 3·65 + 1 and 13·15 + 1: uneven segments
+        x, stats = gs_jacobi(m64, noise, builtin_schedule(f"jacobi:segments={S},tol=0", m64),
+                             labels(2), Guidance(1.5))
+        assert (x - ref).abs().max().item() <= 1e-9, S
+        assert not stats.fallbacks
+    m32 = load_checkpoint(path)
+    ref32, _ = sequential(m32, noise.float(), labels(2))
+    x32, _ = gs_jacobi(m32, noise.float(), builtin_schedule("jacobi:segments=3", m32), labels(2))
+    assert (x32 - ref32).abs().max().item() <= 1e-4
+
+
 def test_sequential_inverts_the_forward_pass(model64):
     noise = make_noise(N, model64, seed=3)
     x, _ = sequential(model64, noise, labels())
