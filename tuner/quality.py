@@ -665,7 +665,7 @@ def fid_command(*, samples=None, checkpoint=None, schedule: str = "sequential", 
         if model is None:
             raise UserError("the noise floor needs a model: pass --checkpoint")
         # seed `seed` of the sequential sampler was just measured: reuse it (Inception is slow)
-        known = ({seed: res.fid} if samples is None and sched_is_seq else {})
+        known = {seed: res.fid} if sched_is_seq else {}
         out["noise_floor"] = noise_floor(model, ref=refstats, extractor=ext, n=res.n,
                                          seeds=floor_seeds, labels=labels, guidance=guidance,
                                          denoise_std=dstd, batch=batch, progress=progress,
