@@ -7,7 +7,6 @@ size splits into image channels x patch area, nor the head size: those come from
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -100,15 +99,6 @@ def infer_config(state: dict, side: dict, path: Path) -> TarFlowConfig:
     return cfg
 
 
-def weights_hash(state: dict) -> str:
-    """sha256 over names and float32 values, so a float64 copy has the same fingerprint."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def load_checkpoint(path, *, img_size: int | None = None, patch_size: int | None = None,
                     in_channels: int | None = None, head_dim: int | None = None,
                     device="cpu", dtype=torch.float32) -> TarFlow:
@@ -146,6 +136,5 @@ def load_checkpoint(path, *, img_size: int | None = None, patch_size: int | None
         if k not in expected:
             raise UserError(f"checkpoint {path} does not match TarFlow: unexpected key '{k}'")
     model.load_state_dict(state)
-    model.fingerprint = {"arch": cfg.to_dict(), "weights_sha256": weights_hash(state)}
     model.meta = side
     return model.to(device=device, dtype=dtype).eval()

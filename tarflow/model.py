@@ -13,6 +13,7 @@ query positions against a preallocated K/V cache, which both samplers share.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -217,6 +218,15 @@ class MetaBlock(nn.Module):
                        att.head_dim, device, dtype)
 
 
+def weights_hash(state: dict) -> str:
+    """sha256 over names and float32 values, so a float64 copy has the same fingerprint."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class TarFlow(nn.Module):
     var: torch.Tensor
 
@@ -227,6 +237,31 @@ class TarFlow(nn.Module):
         self.cfg = cfg
         self.blocks = nn.ModuleList(MetaBlock(cfg, flip=bool(k % 2)) for k in range(cfg.num_blocks))
         self.register_buffer("var", torch.ones(cfg.num_patches, cfg.token_dim))
+        self.meta: dict = {}  # where the checkpoint came from (sidecar, file name); set by loaders
+        self._fp_cache: tuple[int, dict] | None = None
+
+    @property
+    def fingerprint(self) -> dict:
+        """Architecture + sha256 of the weights: what a schedule file is checked against.
+
+        Re-hashed only when a tensor was modified in place since the last call (tensor
+        `_version` counters), so a model fresh from training and a loaded one agree. A dtype or
+        device change keeps the fingerprint of the weights before it (see `_apply`), so a
+        schedule tuned in float32 still fits the same weights cast to bfloat16."""
+        if self._fp_cache is None or self._fp_cache[0] != self._weights_version():
+            fp = {"arch": self.cfg.to_dict(), "weights_sha256": weights_hash(self.state_dict())}
+            self._fp_cache = (self._weights_version(), fp)
+        fp = self._fp_cache[1]
+        return {"arch": dict(fp["arch"]), "weights_sha256": fp["weights_sha256"]}
+
+    def _weights_version(self) -> int:
+        return sum(t._version for t in self.state_dict().values())
+
+    def _apply(self, fn, recurse=True):
+        fp = self.fingerprint
+        out = super()._apply(fn, recurse)
+        self._fp_cache = (self._weights_version(), fp)
+        return out
 
     def patchify(self, img):
         """(B, c, H, W) -> (B, T, c*p*p), tokens in raster order."""

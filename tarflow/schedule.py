@@ -126,7 +126,7 @@ class Schedule:
             if p.segments > T:
                 raise UserError(f"schedule '{self.name}': block {p.block} segments={p.segments} "
                                 f"exceeds the sequence length T={T}")
-        fp = getattr(model, "fingerprint", None)
+        fp = model.fingerprint
         if not force and self.fingerprint is not None and fp is not None and self.fingerprint != fp:
             what = "architecture" if self.fingerprint.get("arch") != fp.get("arch") else "weights"
             raise UserError(f"schedule '{self.name}' was made for another model ({what} differ); "
@@ -207,7 +207,7 @@ def builtin_schedule(spec: str, model) -> Schedule:
                  for i, k in enumerate(order)]
     else:
         raise UserError(f"unknown schedule '{spec}': give a JSON file or one of sequential, jacobi, sejd")
-    return Schedule(plans=tuple(plans), fingerprint=getattr(model, "fingerprint", None), name=spec)
+    return Schedule(plans=tuple(plans), fingerprint=model.fingerprint, name=spec)
 
 
 def resolve_schedule(spec, model, force: bool = False) -> Schedule:

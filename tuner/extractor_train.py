@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tarflow.checkpoint import atomic_write_bytes, atomic_write_text, weights_hash
+from tarflow.checkpoint import atomic_write_bytes, atomic_write_text
+from tarflow.model import weights_hash
 from tarflow.errors import UserError
 
 from .quality import MNIST_CNN_WEIGHTS, MnistCNN

@@ -188,7 +188,7 @@ def run_profile(model: TarFlow, x, y, *, curve_n: int = 64, progress=None) -> Pr
     prof = Profile(table, curves, pd.DataFrame(), {"T": T, "num_blocks": B, "n": len(x), "curve_n": min(curve_n, len(x)),
                                                   "labels": "given" if y is not None else "unconditional (mean class embedding)",
                                                   "dtype": str(x.dtype).removeprefix("torch."),
-                                                  "fingerprint": getattr(model, "fingerprint", None)})
+                                                  "fingerprint": model.fingerprint})
     need = [{"block": k, "sampling_step": B - 1 - k, "segments": S, "init": init, "anderson": m_, "tol": tol,
              "iters": prof.iters_needed(k, S, init, tol, m_)}
             for (k, S, init, m_), _ in curves.groupby(["block", "segments", "init", "anderson"]) for tol in TOLERANCES]

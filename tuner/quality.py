@@ -208,7 +208,7 @@ def _load_inception(device: torch.device, weights_path=None) -> Extractor:
 
 
 def _load_mnist_cnn(device: torch.device, weights_path=None) -> Extractor:
-    from tarflow.checkpoint import weights_hash
+    from tarflow.model import weights_hash
 
     path = Path(weights_path) if weights_path else MNIST_CNN_WEIGHTS
     if not path.is_file():

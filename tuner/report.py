@@ -1046,7 +1046,7 @@ def write_report(study_dir: Path, out_html: Path, *, checkpoint: Path | None = N
         shown = display_path(given)
     model_note = None
     tuned = st.summary.get("model") or {}
-    fp = getattr(model, "fingerprint", None) or {}
+    fp = model.fingerprint
     if tuned.get("arch") and fp.get("arch") and tuned["arch"] != fp["arch"]:
         raise UserError(f"checkpoint {shown} has another architecture than the model this study tuned; "
                         "pass the right --checkpoint")
