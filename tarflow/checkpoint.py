@@ -136,5 +136,5 @@ def load_checkpoint(path, *, img_size: int | None = None, patch_size: int | None
         if k not in expected:
             raise UserError(f"checkpoint {path} does not match TarFlow: unexpected key '{k}'")
     model.load_state_dict(state)
-    model.meta = side
+    model.meta = side | {"noise_std": side.get("train", {}).get("noise_std")}
     return model.to(device=device, dtype=dtype).eval()

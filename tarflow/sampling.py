@@ -1,13 +1,16 @@
-"""Samplers: plain functions over (model, noise, schedule, labels, guidance).
+"""Samplers: plain functions over (model, noise, schedule) with one signature.
 
-`sequential` inverts every block token by token (the exact reference); `gs_jacobi` inverts each
-block segment by segment (Gauss-Seidel), every segment by parallel Jacobi fixed-point passes
-(arXiv 2505.12849). Both share one K/V-cached transformer step, one definition of classifier-free
-guidance and the optional score-based denoising step, so their outputs are comparable bit for bit.
+`sample(model, noise, schedule, *, labels, settings, callback)` inverts the flow block by block
+(blocks B-1 first). Each block is solved as its `BlockPlan` says: token by token with a K/V
+cache when segments = T (the exact sequential path), else segment by segment (Gauss-Seidel),
+every segment by parallel Jacobi fixed-point passes (arXiv 2505.12849). All paths share one
+K/V-cached transformer step, one definition of classifier-free guidance and the optional
+score-based denoising step, so their outputs are comparable bit for bit.
 
 Conventions: noise is (N, T, D) standard normal in image token order, scaled by sqrt(var) before
 the last block is inverted (as the official `Model.reverse`). Inside a block everything runs in
-that block's token order (flipped for odd blocks). Blocks are sampled in reverse (B-1 first).
+that block's token order (flipped for odd blocks). `callback`, when given, is called after each
+block with {"block": forward index, "mode": "sequential" | "jacobi", "x": block-order iterate}.
 """
 
 from __future__ import annotations
@@ -15,32 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .model import MetaBlock, TarFlow, exp_fp32, layer_norm
+from .model import MetaBlock, TarFlow, exp_fp32
 from .schedule import BlockPlan, Schedule
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """Classifier-free guidance on both log-scale and shift: p_c + w * (p_c - p_u).
-
-    anneal: w grows linearly over token positions, w_i = w * (i + 1) / (T - 1).
-    attn_temp: attention temperature of the unconditional pass only.
-    """
-
-    scale: float = 0.0
-    anneal: bool = False
-    attn_temp: float = 1.0
-
-    @property
-    def active(self) -> bool:
-        return self.scale > 0
+from .settings import SamplingSettings
 
 
 @dataclass
 class SamplerStats:
-    """Per block in sampling order: forward index, passes per segment, final residuals, fallbacks."""
+    """Per block in sampling order: forward index, solver, passes per segment, residuals, fallbacks."""
 
     T: int = 1
     blocks: list[int] = field(default_factory=list)
@@ -48,6 +34,14 @@ class SamplerStats:
     residuals: list[list[float]] = field(default_factory=list)
     fallbacks: list[tuple[int, int]] = field(default_factory=list)  # (forward block, segment)
     tokens: list[int] = field(default_factory=list)  # query tokens pushed through the transformer
+    modes: list[str] = field(default_factory=list)  # solver that ran each block
+
+    def record(self, block: int, mode: str, iters: list[int], residuals: list[float], tokens: int):
+        self.blocks.append(block)
+        self.modes.append(mode)
+        self.iters.append(iters)
+        self.residuals.append(residuals)
+        self.tokens.append(tokens)
 
     @property
     def nfe(self) -> float:
@@ -60,7 +54,7 @@ class SamplerStats:
         return sum(sum(i) for i in self.iters)
 
     def to_dict(self) -> dict:
-        return {"blocks": self.blocks, "iters": self.iters, "residuals": self.residuals,
+        return {"blocks": self.blocks, "modes": self.modes, "iters": self.iters, "residuals": self.residuals,
                 "fallbacks": [list(f) for f in self.fallbacks], "passes": self.passes,
                 "nfe": self.nfe}
 
@@ -89,23 +83,23 @@ class BlockSolver:
     passes are one batched call; `params` folds them back into guided (a, b).
     """
 
-    def __init__(self, block: MetaBlock, labels, n: int, guidance: Guidance, device, dtype):
-        self.block, self.n, self.g, self.dtype = block, n, guidance, dtype
+    def __init__(self, block: MetaBlock, labels, n: int, settings: SamplingSettings, device, dtype):
+        self.block, self.n, self.guided, self.dtype = block, n, settings.guided, dtype
         T = block.pos_embed.shape[0]
-        rows = 2 * n if guidance.active else n
+        rows = 2 * n if self.guided else n
         self.cache = block.new_cache(rows, device, dtype)
         self.pos = block.permute(block.pos_embed, 0)
         self.class_emb = None
         if block.class_embed is not None:
             cond = block.class_embedding(labels, n)
-            self.class_emb = torch.cat([cond, block.class_embedding(None, n)]) if guidance.active else cond
+            self.class_emb = torch.cat([cond, block.class_embedding(None, n)]) if self.guided else cond
         self.q_scale = None
-        if guidance.active and guidance.attn_temp != 1.0:
+        if self.guided and settings.attn_temp != 1.0:
             self.q_scale = torch.ones(rows, 1, 1, 1, device=device, dtype=dtype)
-            self.q_scale[n:] = 1.0 / guidance.attn_temp
+            self.q_scale[n:] = 1.0 / settings.attn_temp
         wt = state_dtype(dtype)
-        w = torch.full((T,), guidance.scale, device=device, dtype=wt)
-        if guidance.anneal:
+        w = torch.full((T,), settings.guidance, device=device, dtype=wt)
+        if settings.guidance_anneal:
             w = w * torch.arange(1, T + 1, device=device, dtype=wt) / max(1, T - 1)
         self.w = w.view(1, T, 1)
 
@@ -115,11 +109,11 @@ class BlockSolver:
         The transformer runs in the weights' dtype; (a, b) come back in the iterate's dtype, so
         with half-precision weights the guidance mix and the affine update stay in float32."""
         state = x_span.dtype
-        if self.g.active:
+        if self.guided:
             x_span = x_span.repeat(2, 1, 1)
         a, b = self.block.step(x_span.to(self.dtype), start, self.cache, self.pos, self.class_emb, self.q_scale)
         a, b = a.to(state), b.to(state)
-        if self.g.active:
+        if self.guided:
             w = self.w[:, start:start + a.shape[1]]
             (ac, au), (bc, bu) = a.chunk(2), b.chunk(2)
             a, b = ac + w * (ac - au), bc + w * (bc - bu)
@@ -137,42 +131,6 @@ HALF = (torch.float16, torch.bfloat16)
 def state_dtype(weight_dtype):
     """Dtype of the sampler's iterates: float32 for half-precision weights, else the weights'."""
     return torch.float32 if weight_dtype in HALF else weight_dtype
-
-
-def _invert_blocks(model: TarFlow, noise, labels, guidance: Guidance, solve_block, stats):
-    wdtype = model.var.dtype
-    x = noise.to(model.var.device, state_dtype(wdtype)) * model.var.to(state_dtype(wdtype)).sqrt()
-    n = x.shape[0]
-    if labels is not None:
-        labels = labels.to(x.device)
-    for k in reversed(range(len(model.blocks))):
-        block = model.blocks[k]
-        solver = BlockSolver(block, labels, n, guidance, x.device, wdtype)
-        x = block.permute(solve_block(solver, block.permute(x), k, stats))
-    return model.unpatchify(x)
-
-
-@torch.no_grad()
-def sequential(model: TarFlow, noise, labels=None, guidance: Guidance = Guidance(),
-               callback=None):
-    """Exact inverse: token by token with a K/V cache, B * (T - 1) transformer steps."""
-    stats = SamplerStats(T=model.cfg.num_patches)
-
-    def solve(solver: BlockSolver, z, k, stats):
-        T = z.shape[1]
-        x = z.clone()  # token 0 is its own inverse; the rest are overwritten in order
-        for i in range(T - 1):
-            a, b = solver.params(x[:, i:i + 1], i)
-            x[:, i + 1] = affine_inverse(z[:, i + 1], a[:, 0], b[:, 0])
-        stats.blocks.append(k)
-        stats.tokens.append(T - 1)
-        stats.iters.append([1] * (T - 1))
-        stats.residuals.append([0.0] * (T - 1))
-        if callback:
-            callback({"block": k, "x": x})
-        return x
-
-    return _invert_blocks(model, noise, labels, guidance, solve, stats), stats
 
 
 ANDERSON_REG = 1e-3  # Tikhonov weight, relative to the mean diagonal of the residual Gram matrix
@@ -248,52 +206,91 @@ def solve_segment(solver: BlockSolver, z, x, s: int, e: int, plan: BlockPlan, ca
 
 
 @torch.no_grad()
-def gs_jacobi(model: TarFlow, noise, schedule: Schedule, labels=None,
-              guidance: Guidance = Guidance(), check_every: int | None = None, callback=None):
-    """GS-Jacobi inverse driven by a schedule (one BlockPlan per block, in sampling order).
+def solve_sequential(solver: BlockSolver, z, plan: BlockPlan, stats: SamplerStats, check_every: int):
+    """Exact inverse of one block: token by token, one single-token transformer step each."""
+    T = z.shape[1]
+    x = z.clone()  # token 0 is its own inverse; the rest are overwritten in order
+    for i in range(T - 1):
+        a, b = solver.params(x[:, i:i + 1], i)
+        x[:, i + 1] = affine_inverse(z[:, i + 1], a[:, 0], b[:, 0])
+    stats.record(plan.block, "sequential", [1] * (T - 1), [0.0] * (T - 1), T - 1)
+    return x
 
-    Stopping rule: a segment stops once max |x_new - x| over its tokens, channels and the whole
-    batch is <= plan.tol, or after plan.max_iters passes. A non-finite segment is re-solved
-    token by token and reported in `stats.fallbacks`. `check_every` > 1 reads the convergence
-    flag back from the device only every few passes (extra passes only move closer to the
-    fixed point); default: 1 on CPU, 4 on CUDA.
+
+@torch.no_grad()
+def solve_jacobi(solver: BlockSolver, z, plan: BlockPlan, stats: SamplerStats, check_every: int):
+    """One block by Gauss-Seidel over segments, each by Jacobi passes (arXiv 2505.12849).
+
+    A segment stops once max |x_new - x| over its tokens, channels and the whole batch is
+    <= plan.tol, or after plan.max_iters passes. A non-finite segment is re-solved token by
+    token and reported in `stats.fallbacks`.
+    """
+    T, k = z.shape[1], plan.block
+    x = torch.empty_like(z)
+    carry, iters, res, tokens = None, [], [], 0
+    for j, (s, e) in enumerate(segment_bounds(T, plan.segments)):
+        last = e == T
+        prev = carry
+        carry, used, r = solve_segment(solver, z, x, s, e, plan, prev, last, check_every)
+        tokens += used * (e - s)
+        bad = not torch.isfinite(x[:, s:e]).all() or (carry is not None and not (
+            torch.isfinite(carry[0]).all() and torch.isfinite(carry[1]).all()))
+        if bad:  # re-solve this segment exactly, one token per pass
+            stats.fallbacks.append((k, j))
+            one = BlockPlan(k, 1, 1)
+            carry = prev
+            for t in range(s, e):
+                carry, u, r = solve_segment(solver, z, x, t, t + 1, one, carry, t + 1 == T)
+                used += u
+                tokens += u
+        iters.append(used)
+        res.append(float(r))
+    stats.record(k, "jacobi", iters, res, tokens)
+    return x
+
+
+def block_mode(plan: BlockPlan, T: int) -> str:
+    """Which solver runs a block: a plan with one token per segment is the sequential path."""
+    return "sequential" if plan.segments == T else "jacobi"
+
+
+SOLVERS = {"sequential": solve_sequential, "jacobi": solve_jacobi}
+
+
+@torch.no_grad()
+def sample(model: TarFlow, noise, schedule: Schedule, *, labels=None,
+           settings: SamplingSettings = SamplingSettings(), callback=None,
+           check_every: int | None = None):
+    """Invert the flow for `noise` (N, T, D) as `schedule` says; returns (images, SamplerStats).
+
+    labels: (N,) class indices (-1 = unconditional) or None; `settings.make_labels` makes them
+    from the label policy. The model runs in its own dtype (`settings.dtype` is what loaders
+    cast it to). `check_every` > 1 reads a segment's convergence flag back from the device only
+    every few passes (extra passes only move closer to the fixed point); default: 1 on CPU,
+    4 on CUDA. The denoising step runs when settings.denoise_std > 0.
     """
     plans = {p.block: p for p in schedule.plans}
-    stats = SamplerStats(T=model.cfg.num_patches)
+    T = model.cfg.num_patches
+    stats = SamplerStats(T=T)
     if check_every is None:
         check_every = 4 if model.var.is_cuda else 1
-
-    def solve(solver: BlockSolver, z, k, stats):
-        plan, T = plans[k], z.shape[1]
-        x = torch.empty_like(z)
-        carry, iters, res, tokens = None, [], [], 0
-        bounds = segment_bounds(T, plan.segments)
-        for j, (s, e) in enumerate(bounds):
-            last = e == T
-            prev = carry
-            carry, used, r = solve_segment(solver, z, x, s, e, plan, prev, last, check_every)
-            tokens += used * (e - s)
-            bad = not torch.isfinite(x[:, s:e]).all() or (carry is not None and not (
-                torch.isfinite(carry[0]).all() and torch.isfinite(carry[1]).all()))
-            if bad:  # re-solve this segment exactly, one token per pass
-                stats.fallbacks.append((k, j))
-                one = BlockPlan(k, 1, 1)
-                carry = prev
-                for t in range(s, e):
-                    carry, u, r = solve_segment(solver, z, x, t, t + 1, one, carry, t + 1 == T)
-                    used += u
-                    tokens += u
-            iters.append(used)
-            res.append(float(r))
-        stats.blocks.append(k)
-        stats.tokens.append(tokens)
-        stats.iters.append(iters)
-        stats.residuals.append(res)
+    wdtype = model.var.dtype
+    x = noise.to(model.var.device, state_dtype(wdtype)) * model.var.to(state_dtype(wdtype)).sqrt()
+    n = x.shape[0]
+    if labels is not None:
+        labels = labels.to(x.device)
+    for k in reversed(range(len(model.blocks))):
+        block, plan = model.blocks[k], plans[k]
+        solver = BlockSolver(block, labels, n, settings, x.device, wdtype)
+        mode = block_mode(plan, T)
+        xb = SOLVERS[mode](solver, block.permute(x), plan, stats, check_every)
         if callback:
-            callback({"block": k, "x": x})
-        return x
-
-    return _invert_blocks(model, noise, labels, guidance, solve, stats), stats
+            callback({"block": k, "mode": mode, "x": xb})
+        x = block.permute(xb)
+    x = model.unpatchify(x)
+    if settings.denoise_std > 0:
+        x = denoise(model, x, labels, settings.denoise_std)
+    return x, stats
 
 
 @torch.enable_grad()
@@ -306,61 +303,3 @@ def denoise(model: TarFlow, x, labels=None, noise_std: float = 0.1):
     neg_logp = D * (0.5 * z.pow(2).mean(dim=[1, 2]) - logdet)
     (grad,) = torch.autograd.grad(neg_logp.sum(), x)
     return (x - noise_std**2 * grad).detach()
-
-
-def is_sequential(schedule: Schedule, T: int) -> bool:
-    return all(p.segments == T for p in schedule.plans)
-
-
-def sample(model: TarFlow, noise, schedule: Schedule, labels=None, guidance: Guidance = Guidance(),
-           denoise_std: float = 0.0, check_every: int | None = None):
-    """Run a schedule (the sequential reference when every block has T segments)."""
-    if is_sequential(schedule, model.cfg.num_patches):
-        x, stats = sequential(model, noise, labels, guidance)
-    else:
-        x, stats = gs_jacobi(model, noise, schedule, labels, guidance, check_every)
-    if denoise_std > 0:
-        x = denoise(model, x, labels, denoise_std)
-    return x, stats
-
-
-@torch.no_grad()
-def naive_sequential(model: TarFlow, noise, labels=None, guidance: Guidance = Guidance()):
-    """Reference-style sequential sampler, for benchmarks only: K/V grown by `torch.cat` every
-    step and separate conditional / unconditional passes, as public TarFlow code samples.
-    Same maths as `sequential`."""
-    wdtype = model.var.dtype
-    x = noise.to(model.var.device, state_dtype(wdtype)) * model.var.to(state_dtype(wdtype)).sqrt()
-    n, T = x.shape[0], x.shape[1]
-    for k in reversed(range(len(model.blocks))):
-        block = model.blocks[k]
-        z = block.permute(x)
-        out = z.clone()
-        pos = block.permute(block.pos_embed, 0)
-        passes = [(block.class_embedding(labels, n), 1.0, [[] for _ in block.attn_blocks])]
-        if guidance.active:
-            passes.append((block.class_embedding(None, n), guidance.attn_temp, [[] for _ in block.attn_blocks]))
-        for i in range(T - 1):
-            ab = []
-            for emb, temp, caches in passes:
-                h = block.proj_in(out[:, i:i + 1].to(wdtype)) + pos[i:i + 1]
-                if emb is not None:
-                    h = h + emb
-                for layer, cache in zip(block.attn_blocks, caches):
-                    att = layer.attention
-                    q, kk, v = att.qkv(layer_norm(att.norm, h)).view(n, 1, 3 * att.num_heads, -1).transpose(1, 2).chunk(3, 1)
-                    cache.append((kk, v))
-                    K = torch.cat([c[0] for c in cache], dim=2)
-                    V = torch.cat([c[1] for c in cache], dim=2)
-                    y = F.scaled_dot_product_attention(q / temp, K, V)
-                    h = h + att.proj(y.transpose(1, 2).reshape(n, 1, -1))
-                    h = h + layer.mlp(h)
-                ab.append(tuple(t.to(x.dtype) for t in block.split(block.proj_out(h))))
-            (a, b) = ab[0]
-            if guidance.active:
-                w = guidance.scale * ((i + 1) / (T - 1) if guidance.anneal else 1.0)
-                (au, bu) = ab[1]
-                a, b = a + w * (a - au), b + w * (b - bu)
-            out[:, i + 1] = affine_inverse(z[:, i + 1], a[:, 0], b[:, 0])
-        x = block.permute(out)
-    return model.unpatchify(x)

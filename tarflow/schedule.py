@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_text
 from .errors import UserError
+from .settings import SamplingSettings
 
 SCHEMA_VERSION = 2  # 2 added the optional per-block `anderson` history (version 1 files still load)
 READABLE_VERSIONS = (1, 2)
@@ -45,6 +46,27 @@ class BlockPlan:
     init: str = "zeros"
     tol: float = 0.0
     anderson: int = 0
+
+    def __post_init__(self):
+        """A plan is valid the moment it exists; fitting a model is `Schedule.check_fits`."""
+        for k in ("block", "segments", "max_iters", "anderson"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise UserError(f"'{k}' must be an integer, got {v!r}")
+        if self.block < 0:
+            raise UserError(f"block must be >= 0, got {self.block}")
+        if self.segments < 1:
+            raise UserError(f"segments must be >= 1, got {self.segments}")
+        if self.max_iters < 1:
+            raise UserError(f"max_iters must be >= 1, got {self.max_iters}")
+        if self.init not in INITS:
+            raise UserError(f"unknown init {self.init!r} (choose from {', '.join(INITS)})")
+        tol = self.tol
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+            raise UserError(f"tol must be a finite number >= 0, got {tol!r}")
+        object.__setattr__(self, "tol", float(tol))
+        if not 0 <= self.anderson <= ANDERSON_MAX:
+            raise UserError(f"anderson must be 0 (off) .. {ANDERSON_MAX}, got {self.anderson}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +154,16 @@ class Schedule:
             raise UserError(f"schedule '{self.name}' was made for another model ({what} differ); "
                             "use --force to run it anyway")
 
+    @property
+    def sampling(self) -> SamplingSettings | None:
+        """The sampling settings the schedule was tuned under (None if it does not say)."""
+        rec = self.provenance.get("sampling")
+        return None if rec is None else SamplingSettings.from_dict(rec, f"schedule '{self.name}' provenance.sampling")
+
+    def is_sequential(self, T: int) -> bool:
+        """Every block token by token: the exact reference."""
+        return all(p.segments == T for p in self.plans)
+
     def with_provenance(self, **kv) -> "Schedule":
         return replace(self, provenance={**self.provenance, **kv})
 
@@ -142,29 +174,18 @@ def _plan_from_dict(d, where: str) -> BlockPlan:
     unknown = set(d) - set(PLAN_KEYS)
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    for k in ("block", "segments", "max_iters", "anderson"):
-        if k not in d:
-            if k == "anderson":
-                continue
-            raise UserError(f"{where}: missing '{k}'")
-        if not isinstance(d[k], int) or isinstance(d[k], bool):
-            raise UserError(f"{where}: '{k}' must be an integer, got {d[k]!r}")
-    return make_plan(d["block"], d["segments"], d["max_iters"], d.get("init", "zeros"),
-                     d.get("tol", 0.0), where, d.get("anderson", 0))
+    missing = [k for k in ("block", "segments", "max_iters") if k not in d]
+    if missing:
+        raise UserError(f"{where}: missing '{missing[0]}'")
+    return _plan(where, **d)
 
 
-def make_plan(block, segments, max_iters, init="zeros", tol=0.0, where="schedule", anderson=0) -> BlockPlan:
-    if segments < 1:
-        raise UserError(f"{where}: segments must be >= 1, got {segments}")
-    if max_iters < 1:
-        raise UserError(f"{where}: max_iters must be >= 1, got {max_iters}")
-    if init not in INITS:
-        raise UserError(f"{where}: unknown init {init!r} (choose from {', '.join(INITS)})")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise UserError(f"{where}: tol must be a finite number >= 0, got {tol!r}")
-    if not 0 <= anderson <= ANDERSON_MAX:
-        raise UserError(f"{where}: anderson must be 0 (off) .. {ANDERSON_MAX}, got {anderson}")
-    return BlockPlan(int(block), int(segments), int(max_iters), init, float(tol), int(anderson))
+def _plan(where: str, *args, **kwargs) -> BlockPlan:
+    """A BlockPlan whose validation message says where the plan came from."""
+    try:
+        return BlockPlan(*args, **kwargs)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 # --- built-in named schedules -----------------------------------------------------------
@@ -175,8 +196,8 @@ def _params(text: str, allowed: dict, name: str) -> dict:
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, sep, val = item.partition("=")
         if not sep or key not in allowed:
-            raise UserError(f"schedule '{name}': unknown parameter '{key}' "
-                            f"(takes {', '.join(allowed)})")
+            takes = f"takes {', '.join(allowed)}" if allowed else "takes no parameters"
+            raise UserError(f"schedule '{name}': unknown parameter '{key}' ({takes})")
         kind = type(allowed[key]) if allowed[key] is not None else int
         try:
             out[key] = kind(val) if kind is not str else val
@@ -192,18 +213,15 @@ def builtin_schedule(spec: str, model) -> Schedule:
     order = range(B - 1, -1, -1)
     if name == "sequential":
         _params(args, {}, name)
-        plans = [make_plan(k, T, 1, "zeros", 0.0) for k in order]
+        plans = [BlockPlan(k, T, 1) for k in order]
     elif name == "jacobi":
         p = _params(args, {"segments": 1, "max_iters": None, "init": "zeros", "tol": 0.0, "anderson": 0}, name)
-        p["max_iters"] = p["max_iters"] if p["max_iters"] is not None else -(-T // p["segments"])
-        if p["segments"] > T:
-            raise UserError(f"schedule 'jacobi': segments={p['segments']} exceeds T={T}")
-        plans = [make_plan(k, p["segments"], p["max_iters"], p["init"], p["tol"], spec, p["anderson"])
-                 for k in order]
+        if p["max_iters"] is None:  # one pass per token of the longest segment: exact
+            p["max_iters"] = -(-T // max(1, p["segments"]))
+        plans = [_plan(f"schedule '{spec}'", k, **p) for k in order]
     elif name == "sejd":
         p = _params(args, {"tol": 0.05, "init": "zeros", "max_iters": T, "anderson": 0}, name)
-        plans = [make_plan(k, T, 1) if i == 0 else
-                 make_plan(k, 1, p["max_iters"], p["init"], p["tol"], spec, p["anderson"])
+        plans = [BlockPlan(k, T, 1) if i == 0 else _plan(f"schedule '{spec}'", k, 1, **p)
                  for i, k in enumerate(order)]
     else:
         raise UserError(f"unknown schedule '{spec}': give a JSON file or one of sequential, jacobi, sejd")

@@ -118,3 +118,47 @@ def _label_list(spec: str) -> list[int]:
         raise UserError(f"labels must be balanced, random, uncond or a comma list of class "
                         f"indices (-1 = unconditional), got {spec!r}")
     return vals
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """Sampling options as given on a command line (None = not given).
+
+    Precedence: what is given > what the schedule recorded (`provenance.sampling`) > defaults.
+    `denoise` without `noise_std` uses the training noise std the checkpoint states (sidecar or
+    official file name)."""
+
+    labels: str | None = None
+    guidance: float | None = None
+    guidance_anneal: bool | None = None
+    attn_temp: float | None = None
+    denoise: bool | None = None
+    noise_std: float | None = None
+    dtype: str | None = None
+
+    def given(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def dtype_for(self, recorded: SamplingSettings | None) -> torch.dtype:
+        """Precision to load the model in (needed before the model exists)."""
+        name = self.dtype or (recorded.dtype if recorded else "float32")
+        if name not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        return DTYPES[name]
+
+    def resolve(self, *, recorded: SamplingSettings | None = None,
+                training_noise_std: float | None = None) -> SamplingSettings:
+        base = recorded or SamplingSettings()
+        if self.noise_std is not None and not (self.denoise or (self.denoise is None and base.denoise_std > 0)):
+            raise UserError("--noise-std sets the denoising step's noise level: add --denoise")
+        if self.denoise is False:
+            denoise_std = 0.0
+        elif self.denoise:
+            denoise_std = self.noise_std if self.noise_std is not None else training_noise_std
+            if denoise_std is None:
+                raise UserError("--denoise needs --noise-std: the checkpoint does not state its "
+                                "training noise (no sidecar, and no number in an official file name)")
+        else:
+            denoise_std = self.noise_std if self.noise_std is not None else base.denoise_std
+        return base.with_(labels=self.labels, guidance=self.guidance, guidance_anneal=self.guidance_anneal,
+                          attn_temp=self.attn_temp, dtype=self.dtype, denoise_std=denoise_std)

@@ -6,16 +6,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tarflow.sampling import Guidance, make_noise, naive_sequential, sequential
+from tarflow.sampling import make_noise, sample
+from tarflow.schedule import builtin_schedule
+from tarflow.settings import SamplingSettings
+from tuner.bench import naive_sequential
 from tuner.cli import app
 
 
-@pytest.mark.parametrize("guide", [Guidance(), Guidance(2.0, anneal=True, attn_temp=0.8)])
+@pytest.mark.parametrize("guide", [SamplingSettings(), SamplingSettings(guidance=2.0, guidance_anneal=True, attn_temp=0.8)])
 def test_reference_style_sequential_matches_fast_sequential(model64, guide):
     noise = make_noise(3, model64, 0)
     y = torch.tensor([1, 5, 9])
-    a, _ = sequential(model64, noise, y, guide)
-    b = naive_sequential(model64, noise, y, guide)
+    a, _ = sample(model64, noise, builtin_schedule("sequential", model64), labels=y, settings=guide)
+    b = naive_sequential(model64, noise, labels=y, settings=guide)
     assert (a - b).abs().max().item() <= 1e-9
 
 
@@ -32,4 +35,8 @@ def test_bench_cli_writes_json_with_all_rows(tmp_path):
     assert jac["proxy"]["rmse_mean"] < 0.05  # converged: same samples as sequential
     assert jac["nfe"] > doc["rows"][0]["nfe"]  # parallel passes cost more tokens in total
     assert doc["device_class"] == "cpu" and doc["batch"] == 2
-    assert all(r["ratio_to_lower_bound"] > 0 for r in doc["rows"])
+    low = doc["rows"][2]["latency"]["median_s"]
+    fast = doc["rows"][0]["latency"]["median_s"]
+    for r in doc["rows"]:  # every ratio is the one its latencies give
+        assert r["ratio_to_lower_bound"] == pytest.approx(r["latency"]["median_s"] / low)
+        assert r["speedup_vs_fast_sequential"] == pytest.approx(fast / r["latency"]["median_s"])

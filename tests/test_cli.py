@@ -68,7 +68,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     assert_user_error(run("sample", "--n", 2, "--out", tmp_path / "file" / "o"), "output folder")
     assert_user_error(run("sample", "--schedule", "jacobi:segments=99", "--out", tmp_path / "o"),
-                      "exceeds T=49")
+                      "exceeds the sequence length T=49")
     assert not (tmp_path / "o.npz").exists()
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tarflow.sampling import BlockSolver, Guidance
+from tarflow.sampling import BlockSolver
+from tarflow.settings import SamplingSettings
 from tuner.cli import app
 from tuner.profile import calibration_batch, run_profile
 
@@ -24,7 +25,7 @@ def prof(model):
 def params_via_cache(block, x_block_order):
     """(a, b) of every token through the sampler's K/V-cache step (not the forward pass)."""
     n = x_block_order.shape[0]
-    solver = BlockSolver(block, None, n, Guidance(), x_block_order.device, x_block_order.dtype)
+    solver = BlockSolver(block, None, n, SamplingSettings(), x_block_order.device, x_block_order.dtype)
     a, b = solver.params(x_block_order, 0)  # outputs for tokens 1..T
     zero = torch.zeros_like(a[:, :1])
     return torch.cat([zero, a[:, :-1]], 1), torch.cat([zero, b[:, :-1]], 1)

@@ -3,14 +3,23 @@
 import pytest
 import torch
 
-from tarflow.sampling import BlockSolver, Guidance, gs_jacobi, make_noise, sample, segment_bounds, sequential
+from tarflow.sampling import BlockSolver, make_noise, sample, segment_bounds
 from tarflow.schedule import builtin_schedule
+from tarflow.settings import SamplingSettings as Guidance
 
 N = 4
 
 
 def labels(n=N):
     return torch.arange(n) % 10
+
+
+def sequential(model, noise, y=None, settings=Guidance()):
+    return sample(model, noise, builtin_schedule("sequential", model), labels=y, settings=settings)
+
+
+def gs_jacobi(model, noise, sched, y=None, settings=Guidance(), **kw):
+    return sample(model, noise, sched, labels=y, settings=settings, **kw)
 
 
 @pytest.mark.parametrize("T,S", [(49, 1), (49, 2), (49, 3), (49, 7), (49, 49), (10, 4), (5, 5)])
@@ -22,7 +31,7 @@ def test_segment_bounds_cover_every_token_once(T, S):
     assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
 
 
-GUIDES = [Guidance(), Guidance(2.0), Guidance(3.0, anneal=True, attn_temp=0.8)]
+GUIDES = [Guidance(), Guidance(guidance=2.0), Guidance(guidance=3.0, guidance_anneal=True, attn_temp=0.8)]
 
 
 @pytest.mark.parametrize("guide", GUIDES, ids=["g0", "g2", "g3-anneal-temp"])
@@ -38,7 +47,7 @@ def test_converged_gs_jacobi_equals_sequential_float64(model64, guide):
             assert not stats.fallbacks
 
 
-@pytest.mark.parametrize("guide,bound", [(Guidance(), 1e-4), (Guidance(1.5), 1e-3), (Guidance(3.0), 1e-3)],
+@pytest.mark.parametrize("guide,bound", [(Guidance(), 1e-4), (Guidance(guidance=1.5), 1e-3), (Guidance(guidance=3.0), 1e-3)],
                          ids=["g0", "g1.5", "g3"])
 def test_converged_gs_jacobi_equals_sequential_float32(model, guide, bound):
     T = model.cfg.num_patches
@@ -53,9 +62,9 @@ def test_converged_gs_jacobi_equals_sequential_float32(model, guide, bound):
 def test_converged_anderson_gs_jacobi_equals_sequential_float64(model64, S, m):
     """Anderson mixing leaves the frontier token on the plain step, so L passes stay exact."""
     noise = make_noise(N, model64, seed=7)
-    ref, _ = sequential(model64, noise, labels(), Guidance(1.5))
+    ref, _ = sequential(model64, noise, labels(), Guidance(guidance=1.5))
     x, stats = gs_jacobi(model64, noise, builtin_schedule(f"jacobi:segments={S},init=z,anderson={m}", model64),
-                         labels(), Guidance(1.5))
+                         labels(), Guidance(guidance=1.5))
     assert (x - ref).abs().max().item() <= 1e-9
     assert not stats.fallbacks
 
@@ -70,10 +79,10 @@ def test_long_sequence_model_converged_gs_jacobi_equals_sequential():
     m64 = load_checkpoint(path, dtype=torch.float64)
     assert m64.cfg.num_patches == 196
     noise = make_noise(2, m64, seed=9)
-    ref, _ = sequential(m64, noise, labels(2), Guidance(1.5))
+    ref, _ = sequential(m64, noise, labels(2), Guidance(guidance=1.5))
     for S in (1, 3, 13):  # 196 = 3·65 + 1 and 13·15 + 1: uneven segments
         x, stats = gs_jacobi(m64, noise, builtin_schedule(f"jacobi:segments={S},tol=0", m64),
-                             labels(2), Guidance(1.5))
+                             labels(2), Guidance(guidance=1.5))
         assert (x - ref).abs().max().item() <= 1e-9, S
         assert not stats.fallbacks
     m32 = load_checkpoint(path)
@@ -138,8 +147,8 @@ def test_non_finite_segment_falls_back_to_sequential(model, monkeypatch):
 def test_guidance_changes_samples_and_sample_dispatches(model):
     noise = make_noise(N, model, seed=8)
     seq = builtin_schedule("sequential", model)
-    x0, s0 = sample(model, noise, seq, labels())
-    x2, _ = sample(model, noise, seq, labels(), Guidance(2.0))
+    x0, s0 = sample(model, noise, seq, labels=labels())
+    x2, _ = sample(model, noise, seq, labels=labels(), settings=Guidance(guidance=2.0))
     assert (x0 - x2).abs().max().item() > 1e-2
     assert s0.passes == model.cfg.num_blocks * (model.cfg.num_patches - 1)
 
@@ -158,7 +167,7 @@ def test_denoise_moves_samples_towards_higher_likelihood(model):
 def test_bfloat16_weights_keep_float32_iterates(model):
     """Half-precision option: transformer and K/V in bf16, affine update and guidance in fp32."""
     from tarflow.checkpoint import load_checkpoint
-    from tarflow.sampling import naive_sequential
+    from tuner.bench import naive_sequential
 
     from .conftest import BUNDLED
 
@@ -169,4 +178,4 @@ def test_bfloat16_weights_keep_float32_iterates(model):
     assert x.dtype == torch.float32
     rmse_255 = ((x - ref) ** 2).mean().sqrt().item() * 127.5
     assert 0 < rmse_255 < 3  # bf16 rounding shows, but stays a few grey levels
-    assert (naive_sequential(mbf, noise, labels()) - x).abs().max().item() <= 1e-5
+    assert (naive_sequential(mbf, noise, labels=labels()) - x).abs().max().item() <= 1e-5

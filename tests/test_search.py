@@ -11,13 +11,14 @@ from typer.testing import CliRunner
 
 from tarflow.sampling import make_noise
 from tarflow.schedule import Schedule, resolve_schedule
+from tarflow.settings import SamplingSettings
 from tuner import quality
 from tuner.cli import app
 from tuner.search import TOL_CHOICES, Objective, TuneConfig
 
 runner = CliRunner()
 ARGS = ["--trials", "6", "--n", "32", "--batch", "16", "--verify-n", "64", "--device", "cpu",
-        "--tolerance", "50"]
+        "--tolerance", "50", "--guidance", "1.5", "--denoise"]
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,12 @@ def test_exported_schedule_reproduces_its_proxy(study, model):
     out, _ = study
     sched = Schedule.load(out / "schedule.json")
     noise = make_noise(32, model, 0)
-    labels = quality.make_labels(32, model, "balanced", 0)
+    settings = sched.sampling
+    assert settings == SamplingSettings(guidance=1.5, denoise_std=0.1)  # the bundled model's training noise
+    labels = settings.make_labels(32, model, 0)
     seq = resolve_schedule("sequential", model)
-    xs, xq = quality.sample_batched(model, sched, noise, labels, batch=16)[0], \
-        quality.sample_batched(model, seq, noise, labels, batch=16)[0]
+    xs, xq = quality.sample_batched(model, sched, noise, labels, settings=settings, batch=16)[0], \
+        quality.sample_batched(model, seq, noise, labels, settings=settings, batch=16)[0]
     proxy = quality.paired_proxy(xs, xq)
     assert proxy["rmse_mean"] == pytest.approx(sched.provenance["proxy"]["rmse_mean"], rel=1e-4, abs=1e-6)
 
@@ -65,7 +68,16 @@ def test_sample_runs_the_tuned_schedule_and_warns_on_other_batch(study, tmp_path
                               "--device", "cpu", "--out", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output
     assert "warning" in res.output and "batch 16" in res.output
-    assert np.load(tmp_path / "s.npz")["x"].shape == (4, 1, 28, 28)
+    assert "sampling settings" not in res.output  # the recorded guidance and denoising are used
+    doc = np.load(tmp_path / "s.npz")
+    assert doc["x"].shape == (4, 1, 28, 28)
+    assert json.loads(str(doc["sampling"])) == SamplingSettings(guidance=1.5, denoise_std=0.1).to_dict()
+    res = runner.invoke(app, ["sample", "--schedule", str(out / "schedule.json"), "--n", "4", "--guidance", "0",
+                              "--device", "cpu", "--out", str(tmp_path / "s2")])
+    assert res.exit_code == 0, res.output
+    warn = [ln for ln in res.output.splitlines() if "sampling settings" in ln]
+    assert len(warn) == 1 and "guidance 1.5 -> 0.0" in warn[0]
+    assert json.loads(str(np.load(tmp_path / "s2.npz")["sampling"]))["guidance"] == 0.0
 
 
 def test_resume_adds_trials_to_the_same_study(study):

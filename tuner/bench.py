@@ -10,12 +10,57 @@ NFE-equivalents count transformer work in units of one full-sequence pass of one
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from tarflow.sampling import Guidance, make_noise, naive_sequential, sample
+from tarflow.model import TarFlow, layer_norm
+from tarflow.sampling import affine_inverse, make_noise, sample, state_dtype
 from tarflow.schedule import resolve_schedule
+from tarflow.settings import SamplingSettings
 
 from .quality import paired_proxy
 from .timing import device_info, summarize, timed
+
+
+@torch.no_grad()
+def naive_sequential(model: TarFlow, noise, *, labels=None, settings: SamplingSettings = SamplingSettings()):
+    """Reference-style sequential sampler, the baseline of the benchmark: K/V grown by
+    `torch.cat` every step and separate conditional / unconditional passes, as public TarFlow
+    code samples. Same maths as the sequential path of `tarflow.sampling.sample`."""
+    wdtype = model.var.dtype
+    x = noise.to(model.var.device, state_dtype(wdtype)) * model.var.to(state_dtype(wdtype)).sqrt()
+    n, T = x.shape[0], x.shape[1]
+    for k in reversed(range(len(model.blocks))):
+        block = model.blocks[k]
+        z = block.permute(x)
+        out = z.clone()
+        pos = block.permute(block.pos_embed, 0)
+        passes = [(block.class_embedding(labels, n), 1.0, [[] for _ in block.attn_blocks])]
+        if settings.guided:
+            passes.append((block.class_embedding(None, n), settings.attn_temp, [[] for _ in block.attn_blocks]))
+        for i in range(T - 1):
+            ab = []
+            for emb, temp, caches in passes:
+                h = block.proj_in(out[:, i:i + 1].to(wdtype)) + pos[i:i + 1]
+                if emb is not None:
+                    h = h + emb
+                for layer, cache in zip(block.attn_blocks, caches):
+                    att = layer.attention
+                    q, kk, v = att.qkv(layer_norm(att.norm, h)).view(n, 1, 3 * att.num_heads, -1).transpose(1, 2).chunk(3, 1)
+                    cache.append((kk, v))
+                    K = torch.cat([c[0] for c in cache], dim=2)
+                    V = torch.cat([c[1] for c in cache], dim=2)
+                    y = F.scaled_dot_product_attention(q / temp, K, V)
+                    h = h + att.proj(y.transpose(1, 2).reshape(n, 1, -1))
+                    h = h + layer.mlp(h)
+                ab.append(tuple(t.to(x.dtype) for t in block.split(block.proj_out(h))))
+            (a, b) = ab[0]
+            if settings.guided:
+                w = settings.guidance * ((i + 1) / (T - 1) if settings.guidance_anneal else 1.0)
+                (au, bu) = ab[1]
+                a, b = a + w * (a - au), b + w * (b - bu)
+            out[:, i + 1] = affine_inverse(z[:, i + 1], a[:, 0], b[:, 0])
+        x = block.permute(out)
+    return model.unpatchify(x)
 
 
 def _time(fn, device, warmup: int, repeats: int):
@@ -30,12 +75,14 @@ def _time(fn, device, warmup: int, repeats: int):
 
 
 def run_bench(model, schedules: list[str], *, batch: int, device, warmup: int = 1, repeats: int = 5,
-              seed: int = 0, guidance: Guidance = Guidance(), skip_naive: bool = False,
+              seed: int = 0, settings: SamplingSettings = SamplingSettings(), skip_naive: bool = False,
               force: bool = False, progress=None) -> dict:
     cfg = model.cfg
     T, B = cfg.num_patches, cfg.num_blocks
     noise = make_noise(batch, model, seed).to(device)
-    labels = (torch.arange(batch) % cfg.num_classes).to(device) if cfg.num_classes else None
+    labels = settings.make_labels(batch, model, seed)
+    labels = None if labels is None else labels.to(device)
+    run = SamplingSettings(**(settings.to_dict() | {"denoise_std": 0.0}))  # timing covers the inverse only
     rows = []
     seq = resolve_schedule("sequential", model)
     steps = len(schedules) + 3 - skip_naive
@@ -45,25 +92,25 @@ def run_bench(model, schedules: list[str], *, batch: int, device, warmup: int = 
         if progress:
             progress.advance(task)
 
-    x_seq, t_seq = _time(lambda: sample(model, noise, seq, labels, guidance)[0], device, warmup, repeats)
+    x_seq, t_seq = _time(lambda: sample(model, noise, seq, labels=labels, settings=run)[0], device, warmup, repeats)
     seq_nfe = B * (T - 1) / T  # T-1 single-token passes per block
     rows.append({"name": "sequential (fast)", "latency": t_seq, "nfe": seq_nfe})
     advance()
     if not skip_naive:
-        _, t_naive = _time(lambda: naive_sequential(model, noise, labels, guidance), device, warmup, repeats)
+        _, t_naive = _time(lambda: naive_sequential(model, noise, labels=labels, settings=run), device, warmup, repeats)
         rows.append({"name": "sequential (reference-style)", "latency": t_naive, "nfe": seq_nfe})
         advance()
     with torch.no_grad():
         x_in = x_seq.to(device)
         y_in = labels
-        if guidance.active:  # the guided sampler does two passes per step; so does the bound
+        if run.guided:  # the guided sampler does two passes per step; so does the bound
             x_in, y_in = x_in.repeat(2, 1, 1, 1), torch.cat([labels, torch.full_like(labels, -1)])
         _, t_low = _time(lambda: model(x_in, y_in), device, warmup, repeats)
     rows.append({"name": "one-pass lower bound", "latency": t_low, "nfe": float(B)})
     advance()
     for spec in schedules:
         sched = resolve_schedule(spec, model, force=force)
-        (x, st), t = _time(lambda: sample(model, noise, sched, labels, guidance), device, warmup, repeats)
+        (x, st), t = _time(lambda: sample(model, noise, sched, labels=labels, settings=run), device, warmup, repeats)
         rows.append({"name": sched.name, "spec": spec, "latency": t, "nfe": st.nfe,
                      "passes": st.passes, "iters": st.iters, "fallbacks": len(st.fallbacks),
                      "proxy": paired_proxy(x, x_seq)})
@@ -77,5 +124,5 @@ def run_bench(model, schedules: list[str], *, batch: int, device, warmup: int = 
         r["speedup_vs_reference_sequential"] = naive / m if naive else None
         r["ratio_to_lower_bound"] = m / low
     return {"model": model.fingerprint, "batch": batch, "warmup": warmup, "repeats": repeats,
-            "guidance": guidance.scale, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "sampling": settings.to_dict(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             **device_info(device), "rows": rows}

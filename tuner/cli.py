@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import Optional
@@ -36,6 +37,115 @@ def user_errors(fn):
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
     return wrapper
+
+
+def _inject(group: str, params: list[inspect.Parameter], build):
+    """Add a shared group of options to a command's signature; the command receives them
+    as one object (keyword `group`). One definition serves every command."""
+    def deco(fn):
+        sig = inspect.signature(fn)
+        base = [p for p in sig.parameters.values() if p.name != group]
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            kwargs[group] = build(**{p.name: kwargs.pop(p.name) for p in params})
+            return fn(*args, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=base + params)
+        wrapper.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != group} | {
+            p.name: p.annotation for p in params}
+        return wrapper
+    return deco
+
+
+def _opt(name: str, annotation, option):
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+SAMPLING_OPTIONS = [
+    _opt("labels", Optional[str], typer.Option(
+        None, help="class labels: balanced (i mod classes), random, uncond, or a comma list [default: balanced]")),
+    _opt("guidance", Optional[float], typer.Option(
+        None, help="classifier-free guidance w (0 = off) [default: 0]")),
+    _opt("guidance_anneal", Optional[bool], typer.Option(
+        None, "--guidance-anneal/--no-guidance-anneal", help="grow w linearly over tokens [default: off]")),
+    _opt("attn_temp", Optional[float], typer.Option(
+        None, help="attention temperature of the unconditional pass [default: 1]")),
+    _opt("denoise", Optional[bool], typer.Option(
+        None, "--denoise/--no-denoise", help="one score step removing the training noise [default: off]")),
+    _opt("noise_std", Optional[float], typer.Option(
+        None, help="noise std of --denoise [default: the checkpoint's training noise]")),
+    _opt("dtype", Optional[str], typer.Option(
+        None, help="float32, float64, bfloat16 or float16 (half: transformer and K/V only) [default: float32]")),
+]
+GEOMETRY_OPTIONS = [
+    _opt("img_size", Optional[int], typer.Option(None, help="image side (default: sidecar, file name or inferred)")),
+    _opt("patch_size", Optional[int], typer.Option(None, help="patch side (default: sidecar, file name or inferred)")),
+    _opt("in_channels", Optional[int], typer.Option(None, help="image channels, 1 or 3 (default: inferred)")),
+    _opt("head_dim", Optional[int], typer.Option(None, help="attention head size (default: sidecar, else 64)")),
+]
+
+
+def sampling_options(fn):
+    """The sampling options of `sample`, shared by every command that samples."""
+    from tarflow.settings import SamplingRequest
+
+    return _inject("sampling", SAMPLING_OPTIONS, SamplingRequest)(fn)
+
+
+def geometry_options(fn):
+    """Checkpoint geometry overrides, shared by every command that loads a checkpoint."""
+    return _inject("geometry", GEOMETRY_OPTIONS, lambda **kw: {k: v for k, v in kw.items() if v is not None})(fn)
+
+
+def load_model(checkpoint: Path, geometry: dict, device: str, dtype=None):
+    import torch
+
+    from tarflow.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint, device=device, dtype=dtype or torch.float32, **geometry)
+
+
+def recorded_sampling(schedule_specs: list[str]):
+    """Sampling settings recorded by schedule files among the specs: {spec: settings}."""
+    from tarflow.schedule import Schedule
+
+    out = {}
+    for spec in schedule_specs:
+        if Path(spec).suffix == ".json" or Path(spec).is_file():
+            rec = Schedule.load(spec).sampling
+            if rec is not None:
+                out[spec] = rec
+    return out
+
+
+def common_recording(recorded: dict, request):
+    """The one set of settings several schedules recorded; refuse when they disagree on a
+    setting the command line does not decide."""
+    if not recorded:
+        return None
+    specs = list(recorded)
+    first = recorded[specs[0]]
+    for spec in specs[1:]:
+        open_keys = [k for k in first.differences(recorded[spec]) if k not in request.given()
+                     and not (k == "denoise_std" and {"denoise", "noise_std"} & set(request.given()))]
+        if open_keys:
+            flag = {"denoise_std": "noise-std"}.get(open_keys[0], open_keys[0].replace("_", "-"))
+            raise UserError(f"{specs[0]} and {spec} were tuned with different sampling settings "
+                            f"({', '.join(open_keys)}): say which to use, e.g. --{flag} ...")
+    return first
+
+
+def settings_for(request, model, recorded=None, what: str = "schedule"):
+    """Final sampling settings: given > recorded by the schedule > defaults; warn when overriding."""
+    settings = request.resolve(recorded=recorded, training_noise_std=model.meta.get("noise_std"))
+    settings.check_model(model)
+    if recorded is not None and settings != recorded:
+        diff = ", ".join(f"{k} {getattr(recorded, k)!r} -> {getattr(settings, k)!r}"
+                         for k in settings.differences(recorded))
+        typer.echo(f"warning: the {what} was tuned with other sampling settings ({diff}); "
+                   "its speed and fidelity were measured for those", err=True)
+    return settings
 
 
 @app.command()
@@ -73,37 +183,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str):
-    import torch
-
-    table = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}  # half: weights and K/V only, iterates stay float32
-    if dtype not in table:
-        raise UserError(f"--dtype must be one of {', '.join(table)}, got {dtype!r}")
-    return table[dtype]
-
-
-def parse_labels(spec: Optional[str], n: int, num_classes: int):
-    """None: cycle 0..classes-1 (conditional) / unconditional; 'uncond'; or a comma list, repeated."""
-    import torch
-
-    if not num_classes:
-        if spec not in (None, "uncond"):
-            raise UserError("this model is unconditional: --labels is not accepted")
-        return None
-    if spec is None:
-        return torch.arange(n) % num_classes
-    if spec == "uncond":
-        return torch.full((n,), -1, dtype=torch.long)
-    try:
-        vals = [int(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--labels must be 'uncond' or comma-separated integers, got {spec!r}") from None
-    if not vals or any(v < -1 or v >= num_classes for v in vals):
-        raise UserError(f"--labels must lie in 0..{num_classes - 1} (or -1 for unconditional)")
-    return torch.tensor(vals * (n // len(vals) + 1))[:n]
-
-
 def ensure_writable(path: Path) -> None:
     """Fail before any work if the output folder cannot be created or written."""
     import os
@@ -119,18 +198,17 @@ def ensure_writable(path: Path) -> None:
 
 @app.command()
 @user_errors
+@geometry_options
+@sampling_options
 def sample(
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
     schedule: str = typer.Option("sequential", help="schedule JSON file or built-in name"),
     n: int = typer.Option(64, min=1), seed: int = 0,
-    labels: Optional[str] = typer.Option(None, help="'uncond' or comma list; default cycles classes"),
-    guidance: float = typer.Option(0.0, min=0.0), guidance_anneal: bool = False,
-    attn_temp: float = typer.Option(1.0, min=1e-3),
-    denoise: bool = typer.Option(False, help="one score step removing training noise"),
     noise: Optional[Path] = typer.Option(None, help="(N, T, D) float32 .npy of standard-normal latents"),
-    device: str = "auto", dtype: str = "float32",
+    device: str = "auto",
     force: bool = typer.Option(False, help="run a schedule made for another model"),
     out: Path = typer.Option(Path("samples"), help="writes OUT.npz and OUT.png"),
+    sampling=None, geometry=None,
 ):
     """Sample images with a schedule; writes OUT.npz (x, labels, stats) and an OUT.png grid."""
     import json
@@ -139,16 +217,18 @@ def sample(
     import numpy as np
     import torch
 
-    from tarflow.checkpoint import atomic_write_bytes, load_checkpoint
+    from tarflow.checkpoint import atomic_write_bytes
     from tarflow.data import save_grid
-    from tarflow.sampling import Guidance, make_noise, sample as run_sample
+    from tarflow.sampling import make_noise, sample as run_sample
     from tarflow.schedule import resolve_schedule
 
     out_npz, out_png = out.with_suffix(".npz"), out.with_suffix(".png")
     ensure_writable(out_npz)
     dev = resolve_device(device)
-    model = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype(dtype))
+    recorded = recorded_sampling([schedule]).get(schedule)
+    model = load_model(checkpoint, geometry, dev, sampling.dtype_for(recorded))
     sched = resolve_schedule(schedule, model, force=force)
+    settings = settings_for(sampling, model, recorded)
     cfg = model.cfg
     if noise is not None:
         try:
@@ -161,20 +241,17 @@ def sample(
         n = z.shape[0]
     else:
         z = make_noise(n, model, seed)
-    y = parse_labels(labels, n, cfg.num_classes)
-    if guidance > 0 and not cfg.num_classes:
-        raise UserError("guidance needs a class-conditional model")
+    y = settings.make_labels(n, model, seed)
     tuned = sched.provenance.get("device_class"), sched.provenance.get("batch")
     if tuned[0] and (tuned[0] != dev or (tuned[1] and tuned[1] != n)):
         typer.echo(f"warning: schedule was tuned on {tuned[0]} at batch {tuned[1]}; running on "
                    f"{dev} at batch {n}: latency may not be optimal", err=True)
-    noise_std = float(getattr(model, "meta", {}).get("train", {}).get("noise_std", 0.1))
     t0 = time.perf_counter()
-    x, stats = run_sample(model, z, sched, y, Guidance(guidance, guidance_anneal, attn_temp),
-                          denoise_std=noise_std if denoise else 0.0)
+    x, stats = run_sample(model, z, sched, labels=y, settings=settings)
     secs = time.perf_counter() - t0
     payload = {"x": x.float().cpu().numpy(), "labels": (y if y is not None else torch.full((n,), -1)).numpy(),
-               "stats": np.array(json.dumps(stats.to_dict())), "schedule": np.array(sched.to_json())}
+               "stats": np.array(json.dumps(stats.to_dict())), "schedule": np.array(sched.to_json()),
+               "sampling": np.array(json.dumps(settings.to_dict()))}
     atomic_write_bytes(out_npz, lambda f: np.savez(f, **payload))
     save_grid(x, out_png)
     fb = f", {len(stats.fallbacks)} fallback segment(s)" if stats.fallbacks else ""
@@ -188,21 +265,23 @@ app.add_typer(schedule_app, name="schedule")
 
 @schedule_app.command("show")
 @user_errors
+@geometry_options
 def schedule_show(
     spec: str = typer.Argument(..., help="schedule JSON file or built-in name"),
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="model the schedule is resolved for"),
-    force: bool = False,
+    force: bool = False, geometry=None,
 ):
     """Print the resolved schedule JSON (save it to a file to edit a built-in)."""
-    from tarflow.checkpoint import load_checkpoint
     from tarflow.schedule import resolve_schedule
 
-    model = load_checkpoint(checkpoint)
+    model = load_model(checkpoint, geometry, "cpu")
     typer.echo(resolve_schedule(spec, model, force=force).to_json(), nl=False)
 
 
 @app.command()
 @user_errors
+@geometry_options
+@sampling_options
 def fid(
     samples: Optional[Path] = typer.Argument(
         None, help="samples .npz (x: model-space floats or uint8) or image folder; "
@@ -211,9 +290,6 @@ def fid(
     schedule: str = typer.Option("sequential", help="schedule JSON file or built-in name"),
     n: int = typer.Option(1000, min=2, help="samples to draw (ignored with a samples file)"),
     seed: int = typer.Option(0, help="noise seed"),
-    labels: str = typer.Option("balanced", help="balanced (i mod classes), random or none"),
-    guidance: float = typer.Option(0.0, min=0.0),
-    denoise: bool = typer.Option(False, help="one score step removing training noise (as sample)"),
     force: bool = typer.Option(False, help="run a schedule made for another model"),
     extractor: str = typer.Option("mnist-cnn", help="mnist-cnn (fast, MNIST only) or inception"),
     extractor_weights: Optional[Path] = typer.Option(
@@ -227,6 +303,7 @@ def fid(
     batch: int = typer.Option(500, min=1, help="sampling batch size"),
     device: str = "auto",
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead"),
+    sampling=None, geometry=None,
 ):
     """FID (extractor id and n always shown); with a schedule, a paired proxy vs sequential."""
     import json
@@ -238,12 +315,16 @@ def fid(
     ckpt = checkpoint
     if ckpt is None and (samples is None or noise_floor or tolerance is not None):
         ckpt = DEFAULT_CKPT
-    result = fid_command(samples=samples, checkpoint=ckpt, schedule=schedule, n=n, seed=seed,
-                         extractor=extractor, ref=ref, weights=extractor_weights,
-                         floor=noise_floor, tolerance=tolerance, labels=labels,
-                         guidance=guidance, denoise=denoise, force=force, batch=batch,
-                         device=resolve_device(device),
-                         progress=not json_out and sys.stderr.isatty())
+    dev = resolve_device(device)
+    model, settings = None, None
+    if ckpt is not None:
+        recorded = recorded_sampling([schedule]).get(schedule) if samples is None else None
+        model = load_model(ckpt, geometry, dev, sampling.dtype_for(recorded))
+        settings = settings_for(sampling, model, recorded)
+    result = fid_command(samples=samples, model=model, checkpoint=ckpt, schedule=schedule, n=n,
+                         seed=seed, extractor=extractor, ref=ref, weights=extractor_weights,
+                         floor=noise_floor, tolerance=tolerance, settings=settings, force=force,
+                         batch=batch, device=dev, progress=not json_out and sys.stderr.isatty())
     if json_out:
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -273,32 +354,31 @@ def refuse_overwrite(path: Path, files: tuple[str, ...], overwrite: bool) -> Non
 
 @app.command()
 @user_errors
+@geometry_options
+@sampling_options
 def profile(
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
     data: Path = typer.Option(DEFAULT_CALIB, help="calibration images: npz or image folder"),
     n: int = typer.Option(256, min=1, help="calibration images (all, in order, if data holds exactly n)"),
     seed: int = 0,
-    labels: bool = typer.Option(False, "--labels", help="condition on the data's labels "
-                                "(default: unconditional, mean class embedding)"),
     curve_n: int = typer.Option(64, min=1, help="images used for the convergence curves"),
-    device: str = "auto", dtype: str = "float32",
+    device: str = "auto",
     out: Path = typer.Option(Path("profile"), help="output folder"),
-    overwrite: bool = False,
+    overwrite: bool = False, sampling=None, geometry=None,
 ):
     """Per-block CRM, IGM and measured GS-Jacobi convergence curves on a calibration batch."""
     from rich.console import Console
     from rich.table import Table
 
-    from tarflow.checkpoint import load_checkpoint
     from tuner.profile import ANDERSON_CURVES, calibration_batch, run_profile
 
     refuse_overwrite(out, ("profile.csv", "convergence.csv", "profile.json"), overwrite)
-    model = load_checkpoint(checkpoint, device=resolve_device(device), dtype=resolve_dtype(dtype))
-    x, y = calibration_batch(data, n, seed, model)
-    if labels and y is None:
-        raise UserError(f"--labels given but {data} has no labels")
+    model = load_model(checkpoint, geometry, resolve_device(device), sampling.dtype_for(None))
+    settings = settings_for(sampling, model)
+    x, _ = calibration_batch(data, n, seed, model)
     with progress_bar() as prog:
-        prof = run_profile(model, x, y if labels else None, curve_n=curve_n, progress=prog)
+        prof = run_profile(model, x, settings.make_labels(len(x), model, seed), settings=settings,
+                           curve_n=curve_n, progress=prog)
     prof.save(out)
     table = Table(title=f"Block profile (forward order; sampling_step 0 runs first), n={len(x)}")
     anderson = ANDERSON_CURVES
@@ -317,6 +397,8 @@ def profile(
 
 @app.command()
 @user_errors
+@geometry_options
+@sampling_options
 def tune(
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
     data: Path = typer.Option(DEFAULT_CALIB, help="calibration images for the profile (npz or folder)"),
@@ -335,9 +417,9 @@ def tune(
     seed: int = 0,
     out: Path = typer.Option(Path("runs/tune"), help="study folder"),
     overwrite: bool = typer.Option(False, help="replace an existing schedule.json in --out"),
+    sampling=None, geometry=None,
 ):
     """Search the fastest per-block schedule within an FID tolerance; writes schedule.json."""
-    from tarflow.checkpoint import load_checkpoint
     from tuner.profile import Profile, calibration_batch, run_profile
     from tuner.search import TuneConfig, tune as run_tune
 
@@ -348,17 +430,19 @@ def tune(
     on_gpu = dev == "cuda"
     ext = extractor or ("inception" if on_gpu else "mnist-cnn")
     vext = verify_extractor or ("inception" if on_gpu else ext)
+    model = load_model(checkpoint, geometry, dev, sampling.dtype_for(None))
+    settings = settings_for(sampling, model)
     cfg = TuneConfig(tolerance=tolerance, trials=trials, timeout=timeout, batch=batch, n=n,
                      verify_n=verify_n, extractor=ext, verify_extractor=vext,
-                     prune_rmse=prune_rmse, seed=seed)
-    model = load_checkpoint(checkpoint, device=dev)
+                     prune_rmse=prune_rmse, seed=seed, sampling=settings)
     prof_dir = out / "profile"
     if resume and (prof_dir / "profile.json").is_file():
         prof = Profile.load(prof_dir)
     else:
         x, _ = calibration_batch(data, min(256, _count(data)), seed, model)
         with progress_bar() as prog:
-            prof = run_profile(model, x, None, progress=prog)
+            prof = run_profile(model, x, settings.make_labels(len(x), model, seed), settings=settings,
+                               progress=prog)
         prof.save(prof_dir)
     url = storage or f"sqlite:///{(out / 'study.db').as_posix()}"
     with progress_bar() as prog:
@@ -402,15 +486,17 @@ def _portable(path: Path) -> str:
 
 @app.command()
 @user_errors
+@geometry_options
+@sampling_options
 def bench(
     schedules: list[str] = typer.Argument(None, help="schedule files or built-in names"),
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
     batch: int = typer.Option(16, min=1), repeats: int = typer.Option(5, min=1),
     warmup: int = typer.Option(1, min=0), seed: int = 0,
-    guidance: float = typer.Option(0.0, min=0.0),
     skip_reference: bool = typer.Option(False, help="skip the slow reference-style sequential sampler"),
-    device: str = "auto", dtype: str = "float32", force: bool = False,
+    device: str = "auto", force: bool = False,
     out: Optional[Path] = typer.Option(None, help="write the results as JSON here"),
+    sampling=None, geometry=None,
 ):
     """Time samplers side by side: reference-style and fast sequential, schedules, lower bound."""
     import json
@@ -418,17 +504,18 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    from tarflow.checkpoint import atomic_write_text, load_checkpoint
-    from tarflow.sampling import Guidance
+    from tarflow.checkpoint import atomic_write_text
     from tuner.bench import run_bench
 
     if out is not None:
         ensure_writable(out)
     dev = resolve_device(device)
-    model = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype(dtype))
+    recorded = common_recording(recorded_sampling(schedules or []), sampling)
+    model = load_model(checkpoint, geometry, dev, sampling.dtype_for(recorded))
+    settings = settings_for(sampling, model, recorded, what="schedules")
     with progress_bar() as prog:
         res = run_bench(model, schedules or [], batch=batch, device=dev, warmup=warmup,
-                        repeats=repeats, seed=seed, guidance=Guidance(guidance),
+                        repeats=repeats, seed=seed, settings=settings,
                         skip_naive=skip_reference, force=force, progress=prog)
     res["command"] = "tarflow-tuner bench " + " ".join(sys.argv[2:])
     table = Table(title=f"batch {batch} on {res['device_name']} (torch {res['torch']}), "

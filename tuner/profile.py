@@ -1,7 +1,8 @@
 """Per-block difficulty of the GS-Jacobi inverse, measured on a calibration batch.
 
-One forward pass gives every block's input x* and output z, i.e. the exact solution of the
-triangular system that sampling solves in that block. From them:
+One forward pass gives every block's output z; the block's exact sequential inverse of z under
+the sampling settings (guidance, precision) gives x*, the exact solution of the triangular
+system that sampling solves in that block (without guidance, x* is the block's input). From them:
 
 * CRM (convergence ranking metric, arXiv 2505.12849):
   ||mean_batch(alpha * x_in)||_2 * ||W_s||_2 + ||W_u||_2, alpha = exp(-log-scale), ||.||_2 the
@@ -30,8 +31,10 @@ from tarflow.checkpoint import atomic_write_text
 from tarflow.data import load_images, to_model_space
 from tarflow.errors import UserError
 from tarflow.model import TarFlow
-from tarflow.sampling import BlockSolver, Guidance, affine_inverse, segment_bounds, solve_segment
+from tarflow.sampling import (BlockSolver, SamplerStats, affine_inverse, segment_bounds, solve_segment,
+                              solve_sequential, state_dtype)
 from tarflow.schedule import INITS, BlockPlan
+from tarflow.settings import SamplingSettings
 
 CURVE_SEGMENTS = (1, 2, 4, 8)  # plus T; only those <= T
 ANDERSON_CURVES = (2, 3)  # Anderson histories measured at one segment from the IGM-best guess
@@ -128,13 +131,13 @@ def block_metrics(block, x_star, z, y) -> dict:
 
 
 @torch.no_grad()
-def convergence_curves(block, k, x_star, z, y, configs, B) -> list[dict]:
+def convergence_curves(block, k, x_star, z, y, configs, B, settings: SamplingSettings) -> list[dict]:
     """Run the real GS-Jacobi solver on this block for each (segments, init, anderson) config,
     logging the error to x* after every pass."""
     rows = []
     T = z.shape[1]
     for S, init, anderson in configs:
-        solver = BlockSolver(block, y, z.shape[0], Guidance(), z.device, z.dtype)
+        solver = BlockSolver(block, y, z.shape[0], settings, z.device, block.proj_in.weight.dtype)
         x = torch.empty_like(z)
         carry = None
         for j, (s, e) in enumerate(segment_bounds(T, S)):
@@ -160,24 +163,29 @@ def convergence_curves(block, k, x_star, z, y, configs, B) -> list[dict]:
     return rows
 
 
-def run_profile(model: TarFlow, x, y, *, curve_n: int = 64, progress=None) -> Profile:
-    """Profile every block. x: calibration images in model space; y: labels or None (unconditional)."""
+def run_profile(model: TarFlow, x, y, *, settings: SamplingSettings = SamplingSettings(),
+                curve_n: int = 64, progress=None) -> Profile:
+    """Profile every block under the sampling settings. x: calibration images in model space;
+    y: labels or None (unconditional)."""
     cfg = model.cfg
     B, T = cfg.num_blocks, cfg.num_patches
+    wdtype = model.var.dtype
     with torch.no_grad():
-        _, outputs, _ = model(x, y)
-    inputs = [model.patchify(x)] + outputs[:-1]
-    counts = sorted({s for s in CURVE_SEGMENTS if s <= T} | {T})
+        _, outputs, _ = model(x.to(wdtype), y)
     rows, curves = [], []
     task = progress.add_task("profile", total=B) if progress else None
+    m = min(curve_n, len(x))
     for k, block in enumerate(model.blocks):
-        x_star, z = block.permute(inputs[k]), block.permute(outputs[k])
-        row = {"block": k, "sampling_step": B - 1 - k} | block_metrics(block, x_star, z, y)
+        z = block.permute(outputs[k]).to(state_dtype(wdtype))
+        exact = BlockSolver(block, y, len(z), settings, z.device, wdtype)
+        x_star = solve_sequential(exact, z, BlockPlan(k, T, 1), SamplerStats(T=T), 1)
+        row = {"block": k, "sampling_step": B - 1 - k} | block_metrics(block, x_star.to(wdtype), z.to(wdtype), y)
         rows.append(row)
-        m = min(curve_n, len(x))
         best = min(INITS, key=lambda i: row[f"igm_{i}"])
-        configs = [(S, init, 0) for S in counts for init in INITS] + [(1, best, m_) for m_ in ANDERSON_CURVES]
-        curves += convergence_curves(block, k, x_star[:m], z[:m], None if y is None else y[:m], configs, B)
+        configs = [(S, init, 0) for S in sorted({s for s in CURVE_SEGMENTS if s <= T} | {T})
+                   for init in INITS] + [(1, best, m_) for m_ in ANDERSON_CURVES]
+        curves += convergence_curves(block, k, x_star[:m], z[:m], None if y is None else y[:m],
+                                     configs, B, settings)
         if progress:
             progress.advance(task)
     table = pd.DataFrame(rows)
@@ -187,7 +195,8 @@ def run_profile(model: TarFlow, x, y, *, curve_n: int = 64, progress=None) -> Pr
     curves = pd.DataFrame(curves)
     prof = Profile(table, curves, pd.DataFrame(), {"T": T, "num_blocks": B, "n": len(x), "curve_n": min(curve_n, len(x)),
                                                   "labels": "given" if y is not None else "unconditional (mean class embedding)",
-                                                  "dtype": str(x.dtype).removeprefix("torch."),
+                                                  "dtype": str(wdtype).removeprefix("torch."),
+                                                  "sampling": settings.to_dict(),
                                                   "fingerprint": model.fingerprint})
     need = [{"block": k, "sampling_step": B - 1 - k, "segments": S, "init": init, "anderson": m_, "tol": tol,
              "iters": prof.iters_needed(k, S, init, tol, m_)}

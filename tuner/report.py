@@ -718,7 +718,7 @@ def make_pictures(model, schedule, n: int, seed: int) -> Pictures:
     K = model.cfg.num_classes
     noise = make_noise(n, model, seed)
     labels = torch.arange(n) % K if K else None
-    x_seq, st_seq = sample(model, noise, builtin_schedule("sequential", model), labels)
+    x_seq, st_seq = sample(model, noise, builtin_schedule("sequential", model), labels=labels)
     to255 = lambda x: (x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5  # noqa: E731
     from tarflow.data import to_uint8
 
@@ -726,7 +726,7 @@ def make_pictures(model, schedule, n: int, seed: int) -> Pictures:
     lab = f"class i mod {K} for image i" if K else "unconditional"
     if schedule is None:
         return Pictures(seq_png, None, None, 1.0, 0.0, 0.0, n, seed, lab, st_seq.passes, None)
-    x_s, st_s = sample(model, noise, schedule, labels)
+    x_s, st_s = sample(model, noise, schedule, labels=labels)
     d = (to255(x_s) - to255(x_seq)).abs()
     d = torch.nan_to_num(d, nan=255.0)
     max_d = float(d.max())

@@ -27,7 +27,8 @@ from tarflow.checkpoint import atomic_write_text
 from tarflow.data import to_uint8
 from tarflow.errors import UserError
 from tarflow.sampling import make_noise, sample
-from tarflow.schedule import Schedule, builtin_schedule, make_plan
+from tarflow.schedule import BlockPlan, Schedule, builtin_schedule
+from tarflow.settings import SamplingSettings
 
 from . import quality
 from .profile import Profile
@@ -51,7 +52,7 @@ class TuneConfig:
     verify_extractor: str = "mnist-cnn"
     prune_rmse: float = 12.0  # pixel RMSE (0-255) on the warm-up batch above which a trial is pruned
     seed: int = 0
-    labels: str = "balanced"
+    sampling: SamplingSettings = SamplingSettings()  # what is sampled: every run of the search uses it
     floor_seeds: tuple[int, ...] = (101, 102, 103)
 
 
@@ -99,7 +100,7 @@ class Objective:
         plans = []
         for k in range(self.B - 1, -1, -1):
             S = int(params[f"b{k}_segments"])
-            plans.append(make_plan(k, S, int(params[f"b{k}_iters_s{S}"]), params[f"b{k}_init"], tol,
+            plans.append(BlockPlan(k, S, int(params[f"b{k}_iters_s{S}"]), params[f"b{k}_init"], tol,
                                    anderson=int(params.get(f"b{k}_anderson", 0))))
         return Schedule(plans=tuple(plans), fingerprint=self.model.fingerprint, name=name)
 
@@ -135,9 +136,9 @@ class Objective:
         for k in range(self.B - 1, -1, -1):
             if k in tough:
                 S = min(PAPER_TOUGH_SEGMENTS, self.T)
-                paper.append(make_plan(k, S, PAPER_TOUGH_ITERS, best[k], 0.0))
+                paper.append(BlockPlan(k, S, PAPER_TOUGH_ITERS, best[k]))
             else:
-                paper.append(make_plan(k, 1, PAPER_EASY_ITERS, best[k], 0.0))
+                paper.append(BlockPlan(k, 1, PAPER_EASY_ITERS, best[k]))
         seeds = {
             "sequential": builtin_schedule("sequential", self.model),
             "paper": Schedule(plans=tuple(paper), fingerprint=self.model.fingerprint, name="paper"),
@@ -154,7 +155,8 @@ class Objective:
         xs, secs, passes, iters = [], [], 0, None
         for i in range(0, len(noise), bs):
             lab = None if labels is None else labels[i:i + bs]
-            (x, st), s = timed(lambda: sample(self.model, noise[i:i + bs], sched, lab), self.device)
+            (x, st), s = timed(lambda: sample(self.model, noise[i:i + bs], sched, labels=lab,
+                                                   settings=self.cfg.sampling), self.device)
             xs.append(x.float().cpu())
             passes += st.passes
             iters = iters or st.iters
@@ -168,7 +170,7 @@ class Objective:
         """Sequential samples, features and FID on the search noise (computed once per run)."""
         cfg = self.cfg
         noise = make_noise(cfg.n, self.model, cfg.seed)
-        labels = quality.make_labels(cfg.n, self.model, cfg.labels, cfg.seed)
+        labels = cfg.sampling.make_labels(cfg.n, self.model, cfg.seed)
         seq = builtin_schedule("sequential", self.model)
         x, lat, _, _ = self.run(seq, noise, labels)
         feats = self.ext.features(to_uint8(x))
@@ -249,7 +251,7 @@ def verify(obj: Objective, candidates, cfg: TuneConfig, vext, vref, log=print):
     """Re-run the best feasible schedules at verify_n on fresh noise; the first that holds wins."""
     model = obj.model
     noise = make_noise(cfg.verify_n, model, cfg.seed + 1)
-    labels = quality.make_labels(cfg.verify_n, model, cfg.labels, cfg.seed + 1)
+    labels = cfg.sampling.make_labels(cfg.verify_n, model, cfg.seed + 1)
     seq = builtin_schedule("sequential", model)
     x_seq, _, _, _ = obj.run(seq, noise, labels)
     f_seq = vext.features(to_uint8(x_seq))
@@ -285,7 +287,8 @@ def remeasure(obj: Objective, schedules: dict[str, Schedule], rounds: int = 3, b
         for name, sched in schedules.items():
             for i in range(0, len(noise), bs):
                 lab = None if labels is None else labels[i:i + bs]
-                _, sec = timed(lambda: sample(obj.model, noise[i:i + bs], sched, lab), obj.device)
+                _, sec = timed(lambda: sample(obj.model, noise[i:i + bs], sched, labels=lab,
+                                                settings=obj.cfg.sampling), obj.device)
                 runs[name].append(sec)
     return {name: summarize(v) for name, v in runs.items()}
 
@@ -327,7 +330,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     base = obj.prepare()
     log(f"sequential: {base.latency['median_s'] * 1e3:.1f} ms/batch, FID {base.fid:.4g} ({ext.id}, n={cfg.n})")
     floor = quality.noise_floor(model, ref=ref_s, extractor=ext, n=cfg.n, seeds=cfg.floor_seeds,
-                                labels=cfg.labels, batch=cfg.n)
+                                settings=cfg.sampling, batch=cfg.n)
     warn = quality.tolerance_check(cfg.tolerance, floor)
     log(f"noise floor: FID {floor['mean']:.4g} ± {floor['std']:.3g} ({ext.id}, n={cfg.n}, "
         f"{len(floor['values'])} seeds)")
@@ -366,7 +369,8 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
                                "schedule": seeds[name].to_dict()["blocks"]}
     info = device_info(device)
     summary = {
-        "tolerance": cfg.tolerance, "config": {k: v for k, v in cfg.__dict__.items()},
+        "tolerance": cfg.tolerance, "config": {k: v for k, v in cfg.__dict__.items() if k != "sampling"},
+        "sampling": cfg.sampling.to_dict(),
         "device": info, "batch": cfg.batch, "trials": len(study.trials),
         "feasible": len(feas), "search_seconds": round(search_s, 1), "study": study_name,
         "sequential": {"latency": base.latency, "fid": base.fid, "extractor": ext.id, "n": cfg.n},
@@ -397,7 +401,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
         "speedup_vs_sequential": seq_lat / lat,
         "speedup_vs_seeds": {k: final[k]["median_s"] / lat for k in seed_rows},
         "latency_search_s": trial.value, "equivalent_to_sequential": all(p.segments == obj.T for p in sched.plans),
-        "proxy": trial.user_attrs["proxy"], "batch": cfg.batch, **info,
+        "proxy": trial.user_attrs["proxy"], "batch": cfg.batch, "sampling": cfg.sampling.to_dict(), **info,
     }
     sched = sched.with_provenance(**prov)
     summary["schedule"] = sched.to_dict()
