@@ -119,11 +119,11 @@ def recorded_sampling(schedule_specs: list[str]):
     return out
 
 
-def common_recording(recorded: dict, request):
-    """The one set of settings several schedules recorded; refuse when they disagree on a
-    setting the command line does not decide."""
+def check_agreement(recorded: dict, request) -> None:
+    """Refuse schedules that recorded different sampling settings unless the command line
+    decides every setting they disagree on."""
     if not recorded:
-        return None
+        return
     specs = list(recorded)
     first = recorded[specs[0]]
     for spec in specs[1:]:
@@ -133,18 +133,21 @@ def common_recording(recorded: dict, request):
             flag = {"denoise_std": "noise-std"}.get(open_keys[0], open_keys[0].replace("_", "-"))
             raise UserError(f"{specs[0]} and {spec} were tuned with different sampling settings "
                             f"({', '.join(open_keys)}): say which to use, e.g. --{flag} ...")
-    return first
 
 
-def settings_for(request, model, recorded=None, what: str = "schedule"):
-    """Final sampling settings: given > recorded by the schedule > defaults; warn when overriding."""
-    settings = request.resolve(recorded=recorded, training_noise_std=model.meta.get("noise_std"))
+def settings_for(request, model, recorded: dict | None = None):
+    """Final sampling settings: given > recorded by the schedule(s) > defaults. `recorded` maps a
+    schedule to what it recorded; each that is overridden gets a one-line warning."""
+    recorded = recorded or {}
+    base = next(iter(recorded.values()), None)
+    settings = request.resolve(recorded=base, training_noise_std=model.meta.get("noise_std"))
     settings.check_model(model)
-    if recorded is not None and settings != recorded:
-        diff = ", ".join(f"{k} {getattr(recorded, k)!r} -> {getattr(settings, k)!r}"
-                         for k in settings.differences(recorded))
-        typer.echo(f"warning: the {what} was tuned with other sampling settings ({diff}); "
-                   "its speed and fidelity were measured for those", err=True)
+    for spec, rec in recorded.items():
+        if rec != settings:
+            diff = ", ".join(f"{k} {getattr(rec, k)!r} -> {getattr(settings, k)!r}"
+                             for k in settings.differences(rec))
+            typer.echo(f"warning: {Path(spec).name} was tuned with other sampling settings ({diff}); "
+                       "its speed and fidelity were measured for those", err=True)
     return settings
 
 
@@ -225,8 +228,8 @@ def sample(
     out_npz, out_png = out.with_suffix(".npz"), out.with_suffix(".png")
     ensure_writable(out_npz)
     dev = resolve_device(device)
-    recorded = recorded_sampling([schedule]).get(schedule)
-    model = load_model(checkpoint, geometry, dev, sampling.dtype_for(recorded))
+    recorded = recorded_sampling([schedule])
+    model = load_model(checkpoint, geometry, dev, sampling.dtype_for(recorded.get(schedule)))
     sched = resolve_schedule(schedule, model, force=force)
     settings = settings_for(sampling, model, recorded)
     cfg = model.cfg
@@ -318,8 +321,8 @@ def fid(
     dev = resolve_device(device)
     model, settings = None, None
     if ckpt is not None:
-        recorded = recorded_sampling([schedule]).get(schedule) if samples is None else None
-        model = load_model(ckpt, geometry, dev, sampling.dtype_for(recorded))
+        recorded = recorded_sampling([schedule]) if samples is None else {}
+        model = load_model(ckpt, geometry, dev, sampling.dtype_for(recorded.get(schedule)))
         settings = settings_for(sampling, model, recorded)
     result = fid_command(samples=samples, model=model, checkpoint=ckpt, schedule=schedule, n=n,
                          seed=seed, extractor=extractor, ref=ref, weights=extractor_weights,
@@ -510,9 +513,10 @@ def bench(
     if out is not None:
         ensure_writable(out)
     dev = resolve_device(device)
-    recorded = common_recording(recorded_sampling(schedules or []), sampling)
-    model = load_model(checkpoint, geometry, dev, sampling.dtype_for(recorded))
-    settings = settings_for(sampling, model, recorded, what="schedules")
+    recorded = recorded_sampling(schedules or [])
+    check_agreement(recorded, sampling)
+    model = load_model(checkpoint, geometry, dev, sampling.dtype_for(next(iter(recorded.values()), None)))
+    settings = settings_for(sampling, model, recorded)
     with progress_bar() as prog:
         res = run_bench(model, schedules or [], batch=batch, device=dev, warmup=warmup,
                         repeats=repeats, seed=seed, settings=settings,
