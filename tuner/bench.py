@@ -3,11 +3,14 @@
 Rows: the reference-style sequential sampler (K/V grown by concatenation, as public TarFlow
 code), the fast sequential sampler, every schedule given, and the lower bound: one forward pass
 of the whole model on the same batch (one parallel pass per block), which no inverse can beat.
-NFE-equivalents count transformer work in units of one full-sequence pass of one block
-(tokens processed / T); the lower bound is B.
+Serial passes are transformer calls that must run one after another (what a latency-bound GPU
+pays for); tokens processed is the total work; NFE-equivalents count that work in units of one
+full-sequence pass of one block (tokens / T), so the lower bound is B passes and B NFE.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -64,14 +67,22 @@ def naive_sequential(model: TarFlow, noise, *, labels=None, settings: SamplingSe
 
 
 def _time(fn, device, warmup: int, repeats: int):
+    """Median-of-repeats latency, with the machine's load average before and after (a figure
+    taken on a busy machine shows it) and, on CUDA, the peak memory of the timed runs."""
     out = None
     for _ in range(warmup):
         out = fn()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    load_before = os.getloadavg()[0]
     runs = []
     for _ in range(repeats):
         out, s = timed(fn, device)
         runs.append(s)
-    return out, summarize(runs)
+    stats = summarize(runs) | {"loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
+                               "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
+    return out, stats
 
 
 def run_bench(model, schedules: list[str], *, batch: int, device, warmup: int = 1, repeats: int = 5,
@@ -93,12 +104,12 @@ def run_bench(model, schedules: list[str], *, batch: int, device, warmup: int = 
             progress.advance(task)
 
     x_seq, t_seq = _time(lambda: sample(model, noise, seq, labels=labels, settings=run)[0], device, warmup, repeats)
-    seq_nfe = B * (T - 1) / T  # T-1 single-token passes per block
-    rows.append({"name": "sequential (fast)", "latency": t_seq, "nfe": seq_nfe})
+    seq_row = {"nfe": B * (T - 1) / T, "passes": B * (T - 1), "tokens": B * (T - 1)}  # T-1 one-token steps a block
+    rows.append({"name": "sequential (fast)", "latency": t_seq, **seq_row})
     advance()
     if not skip_naive:
         _, t_naive = _time(lambda: naive_sequential(model, noise, labels=labels, settings=run), device, warmup, repeats)
-        rows.append({"name": "sequential (reference-style)", "latency": t_naive, "nfe": seq_nfe})
+        rows.append({"name": "sequential (reference-style)", "latency": t_naive, **seq_row})
         advance()
     with torch.no_grad():
         x_in = x_seq.to(device)
@@ -106,14 +117,14 @@ def run_bench(model, schedules: list[str], *, batch: int, device, warmup: int = 
         if run.guided:  # the guided sampler does two passes per step; so does the bound
             x_in, y_in = x_in.repeat(2, 1, 1, 1), torch.cat([labels, torch.full_like(labels, -1)])
         _, t_low = _time(lambda: model(x_in, y_in), device, warmup, repeats)
-    rows.append({"name": "one-pass lower bound", "latency": t_low, "nfe": float(B)})
+    rows.append({"name": "one-pass lower bound", "latency": t_low, "nfe": float(B), "passes": B, "tokens": B * T})
     advance()
     for spec in schedules:
         sched = resolve_schedule(spec, model, force=force)
         (x, st), t = _time(lambda: sample(model, noise, sched, labels=labels, settings=run), device, warmup, repeats)
         rows.append({"name": sched.name, "spec": spec, "latency": t, "nfe": st.nfe,
-                     "passes": st.passes, "iters": st.iters, "fallbacks": len(st.fallbacks),
-                     "proxy": paired_proxy(x, x_seq)})
+                     "passes": st.passes, "tokens": sum(st.tokens), "iters": st.iters,
+                     "modes": st.modes, "fallbacks": len(st.fallbacks), "proxy": paired_proxy(x, x_seq)})
         advance()
     seq_fast = t_seq["median_s"]
     naive = next((r["latency"]["median_s"] for r in rows if r["name"].endswith("reference-style)")), None)

@@ -394,7 +394,7 @@ def profile(
         need = [prof.iters_needed(r.block, 1, r.best_init, 1e-3, m) for m in (0, *anderson)]
         table.add_row(str(r.block), str(r.sampling_step), f"{r.crm:.3g}", f"{r.crm_share:.1f}",
                       f"{r.igm_zeros:.3g}", f"{r.igm_z:.3g}", r.best_init, *map(str, need))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     typer.echo(f"wrote {out}/profile.csv, convergence.csv, iters_to_tol.csv, profile.json")
 
 
@@ -525,7 +525,7 @@ def bench(
     table = Table(title=f"batch {batch} on {res['device_name']} (torch {res['torch']}), "
                         f"median of {repeats} after {warmup} warm-up")
     for col in ("sampler", "median ms", "spread ms", "x vs fast seq", "x vs ref seq",
-                "/ lower bound", "NFE-eq", "proxy RMSE"):
+                "/ lower bound", "serial passes", "tokens", "drift RMSE", "load 1m"):
         table.add_column(col, justify="right")
     for r in res["rows"]:
         lat = r["latency"]
@@ -533,9 +533,13 @@ def bench(
         table.add_row(r["name"], f"{lat['median_s'] * 1e3:.1f}",
                       f"{lat['min_s'] * 1e3:.1f}-{lat['max_s'] * 1e3:.1f}",
                       f"{r['speedup_vs_fast_sequential']:.2f}", "-" if ref_x is None else f"{ref_x:.2f}",
-                      f"{r['ratio_to_lower_bound']:.1f}", f"{r['nfe']:.1f}",
-                      f"{r['proxy']['rmse_mean']:.3g}" if "proxy" in r else "-")
-    Console().print(table)
+                      f"{r['ratio_to_lower_bound']:.1f}", str(r["passes"]), str(r["tokens"]),
+                      f"{r['proxy']['rmse_mean']:.3g}/{r['proxy']['rmse_max']:.3g}" if "proxy" in r else "-",
+                      f"{lat['loadavg_1min_before']:.2f}>{lat['loadavg_1min_after']:.2f}")
+    table.caption = ("serial passes: transformer calls one after another; drift RMSE: pixel RMSE (0-255) "
+                     "mean/max vs the fast sequential sample on the same noise; load 1m: load average "
+                     "before>after the row (a busy machine makes the figures unreliable)")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     if out is not None:
         atomic_write_text(out, json.dumps(res, indent=1) + "\n")
         typer.echo(f"wrote {out}")
