@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from optuna.trial import TrialState
 import pandas as pd
 import torch
 
@@ -228,23 +229,67 @@ def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame
                "feasible": is_feasible(t),
                "proxy_rmse_mean": t.user_attrs.get("proxy", {}).get("rmse_mean"),
                "proxy_rmse_max": t.user_attrs.get("proxy", {}).get("rmse_max"),
-               "warmup_rmse": t.user_attrs.get("warmup_rmse"), "passes": t.user_attrs.get("passes")}
+               "warmup_rmse": t.user_attrs.get("warmup_rmse"), "passes": t.user_attrs.get("passes"),
+               "fail_reason": t.user_attrs.get("fail_reason")}
         row |= {f"param_{k}": v for k, v in t.params.items()}
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def make_study(storage: str, name: str, seed: int, resume: bool) -> optuna.Study:
+def study_config(cfg: TuneConfig, model, device) -> dict:
+    """What makes trials comparable: a study resumed with anything else would mix them."""
+    return {"model_sha256": model.fingerprint["weights_sha256"], "batch": cfg.batch,
+            "device": device_info(device)["device_name"], "tolerance": cfg.tolerance,
+            "extractor": cfg.extractor, "n": cfg.n, "seed": cfg.seed, "sampling": cfg.sampling.to_dict()}
+
+
+def make_study(storage: str, name: str, seed: int, resume: bool, config: dict) -> optuna.Study:
+    """Create the study, or reopen it with --resume after checking it was run with `config`."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, constant_liar=True)
     try:
         exists = name in optuna.study.get_all_study_names(storage)
     except Exception as e:
-        raise UserError(f"cannot open Optuna storage {storage}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot open Optuna storage {storage}: {first}") from None
     if exists and not resume:
         raise UserError(f"study '{name}' already exists in {storage}: pass --resume to add trials, "
                         "or choose another --study / --out")
-    return optuna.create_study(study_name=name, storage=storage, direction="minimize",
-                               sampler=sampler, load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                                sampler=sampler, load_if_exists=True)
+    stored = study.user_attrs.get("config")
+    if stored is None:
+        study.set_user_attr("config", config)
+    elif stored != config:
+        diff = [f"{k} {stored.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(stored) | set(config))
+                if stored.get(k) != config.get(k)]
+        raise UserError(f"study '{name}' was run with other settings ({'; '.join(diff)}): its trials "
+                        "would not be comparable; resume with the same settings or start another --study")
+    return study
+
+
+class RecordFailures:
+    """Wraps the objective so a failed trial says why (exception type and first line), and a GPU
+    out-of-memory marks the trial infeasible instead of ending the study."""
+
+    def __init__(self, objective):
+        self.objective = objective
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self.objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except torch.cuda.OutOfMemoryError as e:
+            trial.set_user_attr("fail_reason", f"OutOfMemoryError: {_first_line(e)}")
+            trial.set_constraint("fid_gap", math.inf)
+            return math.inf
+        except Exception as e:
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {_first_line(e)}")
+            raise
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
 def verify(obj: Objective, candidates, cfg: TuneConfig, vext, vref, log=print):
@@ -322,7 +367,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     ref_s = resolve_ref(ext, ref, data, out)
     ref_v = ref_s if vext is ext else resolve_ref(vext, verify_ref, data, out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI shows a progress bar instead
-    study = make_study(storage, study_name, cfg.seed, resume)
+    study = make_study(storage, study_name, cfg.seed, resume, study_config(cfg, model, device))
     obj = Objective(model, profile, cfg, device, ref_s, ext)
 
     t_start = time.perf_counter()
@@ -348,8 +393,12 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
             best = f"{feas[0].value * 1e3:.1f} ms" if feas else "-"
             progress(len(study.trials), best, len(feas))
 
-    study.optimize(obj, n_trials=cfg.trials, timeout=cfg.timeout, callbacks=[on_trial],
-                   catch=(RuntimeError,))
+    # --trials is the study's total: a resumed (or a second) worker runs only what is missing
+    started = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    cap = optuna.study.MaxTrialsCallback(cfg.trials, states=started)
+    missing = max(0, cfg.trials - len(study.get_trials(deepcopy=False, states=started)))
+    study.optimize(RecordFailures(obj), n_trials=missing, timeout=cfg.timeout,
+                   callbacks=[on_trial, cap], catch=(Exception,))
     search_s = time.perf_counter() - t_start
 
     table = trials_table(study, ext.id, cfg.n)
