@@ -26,13 +26,17 @@ def to_nchw(arr: np.ndarray, source) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def load_images(path, key: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Return (uint8 N×c×H×W, labels or None) from an npz (first known key) or an image folder."""
+def load_images(path, key: str | None = None, size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return (uint8 N×c×H×W, labels or None) from an npz (first known key) or an image folder.
+
+    A folder's images are centre-cropped to squares and, when `size` is given or their sizes
+    differ, resized to size×size (bicubic, as clean-fid's folder mode); with sub-folders, every
+    image lies in one and its label is the sub-folder's index in sorted name order."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"data not found: {path}")
     if path.is_dir():
-        return _load_folder(path), None
+        return _load_folder(path, size)
     try:
         data = np.load(path)
         keys = list(data.keys())
@@ -44,30 +48,60 @@ def load_images(path, key: str | None = None) -> tuple[np.ndarray, np.ndarray | 
                         f"found {', '.join(keys) or 'nothing'})")
     arr = data[key]
     if arr.dtype != np.uint8:
-        raise UserError(f"{path}:{key} must be uint8 pixels, got {arr.dtype}")
+        raise UserError(f"{path}:{key} must be uint8 pixels (0-255), got {arr.dtype}")
     label_key = NPZ_LABEL_KEYS.get(key)
-    labels = data[label_key].astype(np.int64) if label_key in keys else None
-    if labels is not None and len(labels) != len(arr):
-        raise UserError(f"{path}: {len(arr)} images but {len(labels)} labels")
+    labels = data[label_key] if label_key in keys else None
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) != len(arr) or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"{path}: {label_key} must be {len(arr)} integer labels, got "
+                            f"{labels.dtype} {labels.shape}")
+        labels = labels.astype(np.int64)
     return to_nchw(arr, f"{path}:{key}"), labels
 
 
-def _load_folder(path: Path) -> np.ndarray:
-    from PIL import Image
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+def _load_folder(path: Path, size: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    classes = sorted(p for p in path.iterdir() if p.is_dir() and _image_files(p))
+    loose = _image_files(path)
+    if classes and loose:
+        raise UserError(f"{path} holds both images and class sub-folders: put every image in a "
+                        "class sub-folder, or none")
+    files = [(f, i) for i, c in enumerate(classes) for f in _image_files(c)] or [(f, -1) for f in loose]
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
-    imgs = []
-    for f in files:
-        try:
-            im = Image.open(f)
-            imgs.append(np.asarray(im.convert("L" if im.mode in ("L", "1", "I") else "RGB")))
-        except Exception as e:
-            raise UserError(f"cannot read image {f}: {e}") from None
-    if len({a.shape for a in imgs}) != 1:
-        raise UserError(f"images in {path} differ in size")
-    return to_nchw(np.stack(imgs), path)
+    imgs = [_read_image(f) for f, _ in files]
+    grey = all(im.mode == "L" for im in imgs)
+    imgs = [im.convert("L" if grey else "RGB") for im in imgs]
+    if size is None and len({im.size for im in imgs}) > 1:
+        size = min(min(im.size) for im in imgs)
+    arrs = [np.asarray(_square(im, size)) for im in imgs]
+    labels = np.array([i for _, i in files], np.int64) if classes else None
+    return to_nchw(np.stack(arrs), path), labels
+
+
+def _read_image(f: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(f) as im:
+            im.load()
+            return im.convert("L") if im.mode in ("L", "1", "I", "I;16") else im.convert("RGB")
+    except Exception as e:
+        raise UserError(f"cannot read image {f}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
+
+
+def _square(im, size: int | None):
+    """Centre crop to a square, then (if asked) bicubic resize to size×size."""
+    from PIL import Image
+
+    w, h = im.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    im = im.crop((left, top, left + s, top + s))
+    return im if size is None or size == s else im.resize((size, size), Image.BICUBIC)
 
 
 def to_model_space(u8: np.ndarray) -> torch.Tensor:

@@ -42,6 +42,18 @@ def state_path(out: Path) -> Path:
     return out.with_suffix(".train.pt")
 
 
+def _read_state(path: Path) -> dict:
+    """The resume state, loaded without unpickling arbitrary objects (a crafted file cannot run code)."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot resume from {path}: not a plain training state ({first})") from None
+    if not isinstance(st, dict) or not {"model", "opt", "gen", "step"} <= set(st):
+        raise UserError(f"cannot resume from {path}: not a training state written by `train`")
+    return st
+
+
 def train(data_path, out: Path, cfg: TarFlowConfig, tc: TrainConfig, *, resume: bool = False,
           device="cpu", quiet: bool = False) -> TarFlow:
     out = Path(out)
@@ -62,7 +74,7 @@ def train(data_path, out: Path, cfg: TarFlowConfig, tc: TrainConfig, *, resume: 
     gen = torch.Generator().manual_seed(tc.seed)
     step = 0
     if resume and state_path(out).is_file():
-        st = torch.load(state_path(out), map_location="cpu", weights_only=False)
+        st = _read_state(state_path(out))
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])

@@ -61,8 +61,9 @@ def test_uint8_labels_mean_classes_not_a_mask(model):
 def test_plain_state_dict_roundtrip_with_options(tmp_path, model):
     path = tmp_path / "official.pth"
     torch.save(model.state_dict(), path)  # no sidecar, as an official file
-    with pytest.raises(UserError, match="--img-size and --patch-size"):
-        load_checkpoint(path)
+    assert load_checkpoint(path).cfg == model.cfg  # geometry inferred
+    with pytest.raises(UserError, match="patch_size 7 does not fit token size 16"):
+        load_checkpoint(path, img_size=28, patch_size=7)
     m2 = load_checkpoint(path, img_size=28, patch_size=4)
     assert m2.cfg == model.cfg and m2.fingerprint == model.fingerprint
     save_checkpoint(m2, tmp_path / "copy.pth")

@@ -187,16 +187,16 @@ def resolve_device(device: str) -> str:
 
 
 def ensure_writable(path: Path) -> None:
-    """Fail before any work if the output folder cannot be created or written."""
+    """Fail before any work if the output folder could not be created or written; creates
+    nothing (the folder appears with the first complete result)."""
     import os
 
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {parent}: {e.strerror or e}") from None
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output folder {parent} is not writable")
+    parent = path.parent.absolute()
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot create output folder {path.parent}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {path.parent} is not writable ({existing})")
 
 
 @app.command()

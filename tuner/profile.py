@@ -88,8 +88,8 @@ class Profile:
 
 def calibration_batch(data, n: int, seed: int, model: TarFlow):
     """n images from `data` (all, in file order, when it holds exactly n), in model space."""
-    u8, labels = load_images(data)
     cfg = model.cfg
+    u8, labels = load_images(data, size=cfg.img_size)
     if u8.shape[1:] != (cfg.in_channels, cfg.img_size, cfg.img_size):
         raise UserError(f"{data}: images are {tuple(u8.shape[1:])}, the model expects "
                         f"{(cfg.in_channels, cfg.img_size, cfg.img_size)}")
