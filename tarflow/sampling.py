@@ -303,3 +303,16 @@ def denoise(model: TarFlow, x, labels=None, noise_std: float = 0.1):
     neg_logp = D * (0.5 * z.pow(2).mean(dim=[1, 2]) - logdet)
     (grad,) = torch.autograd.grad(neg_logp.sum(), x)
     return (x - noise_std**2 * grad).detach()
+
+
+def sample_batched(model: TarFlow, schedule: Schedule, noise, labels=None, *,
+                   settings: SamplingSettings = SamplingSettings(), batch: int = 500):
+    """`sample` over `noise` in batches (memory), images gathered on the CPU; returns
+    (images, per-batch SamplerStats)."""
+    xs, stats = [], []
+    for i in range(0, len(noise), batch):
+        lab = None if labels is None else labels[i:i + batch]
+        x, st = sample(model, noise[i:i + batch], schedule, labels=lab, settings=settings)
+        xs.append(x.cpu())
+        stats.append(st)
+    return torch.cat(xs), stats

@@ -11,17 +11,21 @@ from scipy import linalg
 from typer.testing import CliRunner
 
 from tarflow.errors import UserError
-from tuner import quality as q
+from tarflow.sampling import sample_batched
+from tarflow.settings import SamplingSettings
+from tuner import extractors, fid_command, paired
+from tuner import floor as floorlib
+from tuner import fid as fidlib
 from tuner.cli import DEFAULT_CKPT, app
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SAMPLES = {"mnist.npz": "mnist_sample.npz", "cifar10_test_jpeg_q75.npz": "cifar10_sample.npz"}
 
 
 def shared(name: str) -> Path:
+    """The full array file when ../shared is there, else the small committed sample (tests/data)."""
     path = SHARED / name
-    if not path.is_file():
-        pytest.skip(f"../shared/data/{name} not available")
-    return path
+    return path if path.is_file() else Path(__file__).parent / "data" / SAMPLES[name]
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +36,12 @@ def mnist():
 
 @pytest.fixture(scope="module")
 def cnn():
-    return q.get_extractor("mnist-cnn")
+    return extractors.get_extractor("mnist-cnn")
 
 
 @pytest.fixture(scope="module")
 def inception():
-    return q.get_extractor("inception")
+    return extractors.get_extractor("inception")
 
 
 def u8(x):
@@ -47,8 +51,8 @@ def u8(x):
 # --- Inception --------------------------------------------------------------------------------
 
 def test_inception_is_the_standard_fid_network(inception):
-    assert inception.id == q.INCEPTION_DEFAULT_ID
-    assert inception.meta["parameters"] == q.INCEPTION_PARAMS == 21_802_784
+    assert inception.id == extractors.INCEPTION_DEFAULT_ID
+    assert inception.meta["parameters"] == extractors.INCEPTION_PARAMS == 21_802_784
     names = [n for n, _ in inception.module.named_parameters()]
     assert any("mixed_10" in n for n in names)  # layer names of the TF 2015-12-05 graph
     rng = np.random.default_rng(0)
@@ -58,13 +62,13 @@ def test_inception_is_the_standard_fid_network(inception):
 
 
 def test_inception_weights_override(monkeypatch, tmp_path):
-    monkeypatch.setenv(q.INCEPTION_ENV, str(tmp_path / "missing.pt"))
+    monkeypatch.setenv(extractors.INCEPTION_ENV, str(tmp_path / "missing.pt"))
     with pytest.raises(UserError, match="Inception weights not found"):
-        q.get_extractor("inception")
+        extractors.get_extractor("inception")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a model")
     with pytest.raises(UserError, match="cannot load"):
-        q.get_extractor("inception", weights_path=garbage)
+        extractors.get_extractor("inception", weights_path=garbage)
 
 
 def _linear_probe(f_train, y_train, f_test, y_test, l2=1e-2) -> float:
@@ -126,7 +130,7 @@ def test_mnist_cnn_classifies_held_out_digits(mnist, cnn):
     assert cnn.meta["test_accuracy"] >= 0.98  # recorded on all 10000 test images
     assert cnn.id == f"mnist-cnn@{cnn.meta['weights_sha256'][:8]}"
     assert "tuner.extractor_train" in cnn.meta["command"]
-    assert q.MNIST_CNN_WEIGHTS.stat().st_size < 1_000_000
+    assert extractors.MNIST_CNN_WEIGHTS.stat().st_size < 1_000_000
 
 
 def test_mnist_cnn_refuses_other_geometry(cnn):
@@ -141,17 +145,17 @@ def test_mnist_cnn_refuses_other_geometry(cnn):
 def test_fid_of_a_set_with_itself_is_zero(mnist, cnn):
     f = cnn.features(u8(mnist["x_test"][:500]))
     scale = np.trace(np.cov(f, rowvar=False))
-    assert abs(q.fid_from_features(f, f)) < 1e-6 * scale
-    ref = q.RefStats.from_features(f, {"extractor": cnn.id})
-    assert abs(q.fid_against(u8(mnist["x_test"][:500]), ref, cnn).fid) < 1e-6 * scale
+    assert abs(fidlib.fid_from_features(f, f)) < 1e-6 * scale
+    ref = fidlib.RefStats.from_features(f, {"extractor": cnn.id})
+    assert abs(fidlib.fid_against(u8(mnist["x_test"][:500]), ref, cnn).fid) < 1e-6 * scale
 
 
 def test_fid_grows_with_gaussian_noise(mnist, cnn):
-    ref = q.RefStats.from_features(cnn.features(u8(mnist["x_test"][1000:3000])), {"extractor": cnn.id})
+    ref = fidlib.RefStats.from_features(cnn.features(u8(mnist["x_test"][1000:3000])), {"extractor": cnn.id})
     clean = mnist["x_test"][:500].astype(np.float64)
     rng = np.random.default_rng(0)
     eps = rng.standard_normal(clean.shape)
-    fids = [q.fid_against(u8(np.clip(clean + s * eps, 0, 255).round().astype(np.uint8)), ref, cnn).fid
+    fids = [fidlib.fid_against(u8(np.clip(clean + s * eps, 0, 255).round().astype(np.uint8)), ref, cnn).fid
             for s in (0, 8, 24, 48, 96)]
     assert all(a < b for a, b in zip(fids, fids[1:])), fids
 
@@ -170,10 +174,10 @@ def _direct_frechet(f1, f2) -> float:
 def test_cleanfid_path_matches_direct_frechet(mnist, cnn):
     fa = cnn.features(u8(mnist["x_test"][:600]))
     fb = cnn.features(u8(mnist["x_train"][:600]))
-    via_cleanfid = q.fid_from_features(fa, fb)
+    via_cleanfid = fidlib.fid_from_features(fa, fb)
     assert via_cleanfid == pytest.approx(_direct_frechet(fa, fb), rel=1e-6)
-    ref = q.RefStats.from_features(fb, {"extractor": cnn.id})
-    assert q.fid_against(u8(mnist["x_test"][:600]), ref, cnn).fid == pytest.approx(via_cleanfid, rel=1e-12)
+    ref = fidlib.RefStats.from_features(fb, {"extractor": cnn.id})
+    assert fidlib.fid_against(u8(mnist["x_test"][:600]), ref, cnn).fid == pytest.approx(via_cleanfid, rel=1e-12)
 
 
 # --- reference statistics ---------------------------------------------------------------------
@@ -182,10 +186,10 @@ def test_reference_stats_cached_reused_and_mismatch_refused(tmp_path, mnist, cnn
     data = tmp_path / "mini.npz"
     np.savez(data, x_train=mnist["x_train"][:300], x_test=mnist["x_test"][:300])
     cache = tmp_path / "ref.npz"
-    ref = q.reference_stats(data, extractor=cnn, split="test", n=200, cache_path=cache)
+    ref = fidlib.reference_stats(data, extractor=cnn, split="test", n=200, cache_path=cache)
     assert cache.is_file() and ref.meta["n"] == 200 and ref.meta["extractor"] == cnn.id
     assert ref.meta["split"] == "test" and ref.meta["source"] == "mini.npz"
-    loaded = q.RefStats.load(cache)
+    loaded = fidlib.RefStats.load(cache)
     assert np.allclose(loaded.sigma, ref.sigma, rtol=1e-6, atol=1e-6 * np.abs(ref.sigma).max())
 
     def boom(*a, **k):
@@ -193,24 +197,24 @@ def test_reference_stats_cached_reused_and_mismatch_refused(tmp_path, mnist, cnn
 
     with monkeypatch.context() as m:
         m.setattr(type(cnn), "features", boom)
-        again = q.reference_stats(data, extractor=cnn, split="test", n=200, cache_path=cache)
+        again = fidlib.reference_stats(data, extractor=cnn, split="test", n=200, cache_path=cache)
     assert np.array_equal(again.mu, loaded.mu)
     with pytest.raises(UserError, match="n is 200 there, 100 requested"):
-        q.reference_stats(data, extractor=cnn, split="test", n=100, cache_path=cache)
+        fidlib.reference_stats(data, extractor=cnn, split="test", n=100, cache_path=cache)
     with pytest.raises(UserError, match="split"):
-        q.reference_stats(data, extractor=cnn, split="train", n=200, cache_path=cache)
+        fidlib.reference_stats(data, extractor=cnn, split="train", n=200, cache_path=cache)
     np.savez(data, x_train=mnist["x_train"][:300], x_test=mnist["x_test"][300:600])
     with pytest.raises(UserError, match="data_sha256"):
-        q.reference_stats(data, extractor=cnn, split="test", n=200, cache_path=cache)
-    other = q.RefStats(ref.mu, ref.sigma, ref.meta | {"extractor": "inception-v3-fid(x)"})
+        fidlib.reference_stats(data, extractor=cnn, split="test", n=200, cache_path=cache)
+    other = fidlib.RefStats(ref.mu, ref.sigma, ref.meta | {"extractor": "inception-v3-fid(x)"})
     with pytest.raises(UserError, match="made with inception"):
-        q.fid_against(u8(mnist["x_test"][:10]), other, cnn)
+        fidlib.fid_against(u8(mnist["x_test"][:10]), other, cnn)
     with pytest.raises(UserError, match="no 'x_valid' array"):
-        q.reference_stats(data, extractor=cnn, split="x_valid", cache_path=None)
+        fidlib.reference_stats(data, extractor=cnn, split="x_valid", cache_path=None)
 
 
 def test_committed_reference_statistics(cnn):
-    ref = q.RefStats.load(q.default_ref_path("mnist-cnn"))
+    ref = fidlib.RefStats.load(fidlib.default_ref_path("mnist-cnn"))
     assert ref.meta["extractor"] == cnn.id and ref.meta["split"] == "test"
     assert ref.meta["n"] == 10000 and ref.mu.shape == (128,) and ref.sigma.shape == (128, 128)
 
@@ -219,46 +223,45 @@ def test_committed_reference_statistics(cnn):
 
 def test_tolerance_check_rule():
     floor = {"mean": 10.0, "std": 1.0, "values": [9.0, 10.0, 11.0], "n": 1000, "extractor": "e"}
-    assert q.fid_resolution(floor) == pytest.approx(2 * np.sqrt(2))
-    msg = q.tolerance_check(1.0, floor)
+    assert floorlib.fid_resolution(floor) == pytest.approx(2 * np.sqrt(2))
+    msg = floorlib.tolerance_check(1.0, floor)
     assert msg and "below what FID resolves at n=1000" in msg and "e" in msg
-    assert q.tolerance_check(3.0, floor) is None
+    assert floorlib.tolerance_check(3.0, floor) is None
 
 
 def test_paired_proxy_pixels_and_features(mnist, cnn):
     x = torch.from_numpy(mnist["x_test"][:50, None]).float() / 127.5 - 1
-    same = q.paired_proxy(x, x.clone(), cnn)
+    same = paired.paired_proxy(x, x.clone(), cnn)
     assert same["rmse_max"] == 0 and same["feat_max"] == 0 and same["extractor"] == cnn.id
     shifted = (x * 0.5 + 0.1)  # stays inside [-1, 1]
-    p = q.paired_proxy(shifted, x * 0.5)
+    p = paired.paired_proxy(shifted, x * 0.5)
     assert p["rmse_mean"] == pytest.approx(12.75) and p["rmse_max"] == pytest.approx(12.75)
     assert "feat_mean" not in p and p["nonfinite"] == 0
     bad = x.clone()
     bad[3, 0, 0, 0] = float("nan")
-    assert q.paired_proxy(bad, x)["nonfinite"] == 1
+    assert paired.paired_proxy(bad, x)["nonfinite"] == 1
 
 
 def test_noise_floor_and_converged_proxy_on_bundled_model(model, cnn):
-    pytest.importorskip("tarflow.sampling")
     from tarflow.data import to_uint8
     from tarflow.sampling import make_noise
     from tarflow.schedule import resolve_schedule
 
-    ref = q.RefStats.load(q.default_ref_path("mnist-cnn"))
-    floor = q.noise_floor(model, ref=ref, extractor=cnn, n=20, seeds=(0, 1, 2), batch=20)
+    ref = fidlib.RefStats.load(fidlib.default_ref_path("mnist-cnn"))
+    floor = floorlib.noise_floor(model, ref=ref, extractor=cnn, n=20, seeds=(0, 1, 2), batch=20)
     assert floor["n"] == 20 and floor["extractor"] == cnn.id and len(floor["values"]) == 3
     assert floor["std"] > 0 and floor["resolution"] == pytest.approx(2 * np.sqrt(2) * floor["std"])
     with pytest.raises(UserError, match=">= 3 distinct seeds"):
-        q.noise_floor(model, ref=ref, extractor=cnn, n=20, seeds=(0, 0, 1))
+        floorlib.noise_floor(model, ref=ref, extractor=cnn, n=20, seeds=(0, 0, 1))
     # `fid` reuses its own seed-0 sequential FID inside the floor: same values as measuring afresh
-    out = q.fid_command(checkpoint=DEFAULT_CKPT, n=20, seed=0, floor=True, batch=20)
+    out = fid_command.fid_command(model=model, checkpoint=DEFAULT_CKPT, n=20, seed=0, floor=True, batch=20)
     assert out["noise_floor"]["values"] == pytest.approx(floor["values"], abs=1e-6)
     assert out["noise_floor"]["values"][0] == pytest.approx(out["fid"], abs=1e-9)
     noise = make_noise(8, model, 5)
-    lab = q.make_labels(8, model)
-    seq, _ = q.sample_batched(model, resolve_schedule("sequential", model), noise, lab)
-    jac, _ = q.sample_batched(model, resolve_schedule("jacobi:segments=7", model), noise, lab)
-    p = q.paired_proxy(jac, seq, cnn)
+    lab = SamplingSettings().make_labels(8, model)
+    seq, _ = sample_batched(model, resolve_schedule("sequential", model), noise, lab)
+    jac, _ = sample_batched(model, resolve_schedule("jacobi:segments=7", model), noise, lab)
+    p = paired.paired_proxy(jac, seq, cnn)
     assert p["rmse_max"] < 0.5 and p["feat_max"] < 1e-2 * np.linalg.norm(cnn.features(to_uint8(seq)), axis=1).mean()
 
 

@@ -20,7 +20,7 @@ from tarflow.sampling import affine_inverse, make_noise, sample, state_dtype
 from tarflow.schedule import resolve_schedule
 from tarflow.settings import SamplingSettings
 
-from .quality import paired_proxy
+from .paired import paired_proxy
 from .timing import device_info, summarize, timed
 
 

@@ -294,7 +294,8 @@ def fid(
     n: int = typer.Option(1000, min=2, help="samples to draw (ignored with a samples file)"),
     seed: int = typer.Option(0, help="noise seed"),
     force: bool = typer.Option(False, help="run a schedule made for another model"),
-    extractor: str = typer.Option("mnist-cnn", help="mnist-cnn (fast, MNIST only) or inception"),
+    extractor: Optional[str] = typer.Option(None, help="mnist-cnn (fast, 28x28 grey only) or inception "
+                                            "[default: mnist-cnn for 28x28 grey images, else inception]"),
     extractor_weights: Optional[Path] = typer.Option(
         None, help="weights file for the extractor (inception: TorchScript; env "
                    "TARFLOW_TUNER_INCEPTION also works)"),
@@ -311,7 +312,7 @@ def fid(
     """FID (extractor id and n always shown); with a schedule, a paired proxy vs sequential."""
     import json
 
-    from tuner.quality import fid_command, format_fid
+    from tuner.fid_command import fid_command, format_fid
 
     if samples is not None and not samples.exists():
         raise UserError(f"samples not found: {samples}")
@@ -333,6 +334,29 @@ def fid(
     else:
         for line in format_fid(result):
             typer.echo(line)
+
+
+@app.command("fid-ref")
+@user_errors
+def fid_ref(
+    data: Path = typer.Option(..., help="images: npz (x_test / x_train / x) or a folder (class sub-folders allowed)"),
+    out: Path = typer.Option(..., help="reference statistics .npz to write (never replaced)"),
+    extractor: str = typer.Option("inception", help="inception or mnist-cnn"),
+    n: Optional[int] = typer.Option(None, help="images to use (random subset, seed 0) [default: all]"),
+    split: str = typer.Option("test", help="npz split: test or train (or an array name)"),
+    size: Optional[int] = typer.Option(None, help="folder images: centre crop, then resize to this side "
+                                       "(use the model's image size)"),
+    extractor_weights: Optional[Path] = typer.Option(None, help="weights file for the extractor"),
+    device: str = "auto",
+):
+    """Reference statistics for FID (mean and covariance of features) with their metadata."""
+    from tuner.fid_command import fid_ref_command
+
+    ensure_writable(out)
+    ref = fid_ref_command(data=data, extractor=extractor, out=out, n=n, split=split, size=size,
+                          device=resolve_device(device), weights=extractor_weights,
+                          progress=sys.stderr.isatty())
+    typer.echo(f"wrote {out}: {ref.describe()}, images {'x'.join(map(str, ref.meta['image_shape']))}")
 
 
 DEFAULT_CALIB = STUDIES / "mnist" / "calibration.npz"
@@ -410,9 +434,12 @@ def tune(
     device: str = "auto", batch: int = typer.Option(16, min=1, help="batch size latency is tuned for"),
     n: int = typer.Option(512, min=2, help="FID samples per trial (multiple of --batch)"),
     verify_n: int = typer.Option(1024, help="FID samples when re-verifying the winner (>= 2n)"),
-    extractor: Optional[str] = typer.Option(None, help="FID features in the loop (default: mnist-cnn on CPU, inception on GPU)"),
+    extractor: Optional[str] = typer.Option(None, help="FID features in the loop (default: mnist-cnn for 28x28 grey models on CPU, else inception)"),
     verify_extractor: Optional[str] = typer.Option(None, help="FID features for verification (default: as --extractor on CPU, inception on GPU)"),
-    ref: Optional[Path] = typer.Option(None, help="reference statistics for --extractor"),
+    ref: Optional[Path] = typer.Option(None, help="reference statistics for --extractor (see fid-ref)"),
+    verify_ref: Optional[Path] = typer.Option(None, help="reference statistics for --verify-extractor"),
+    ref_data: Optional[Path] = typer.Option(None, help="images (npz test split or folder) to compute the "
+                                            "reference statistics from (default: committed MNIST ones)"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in --out)"),
     study: str = typer.Option("tarflow-tune", help="study name inside the storage"),
     resume: bool = typer.Option(False, help="add trials to an existing study"),
@@ -423,6 +450,7 @@ def tune(
     sampling=None, geometry=None,
 ):
     """Search the fastest per-block schedule within an FID tolerance; writes schedule.json."""
+    from tuner.extractors import INCEPTION_CPU_S, default_extractor
     from tuner.profile import Profile, calibration_batch, run_profile
     from tuner.search import TuneConfig, tune as run_tune
 
@@ -430,11 +458,14 @@ def tune(
         raise UserError(f"{out} already holds schedule.json; pass --resume, --overwrite or another --out")
     ensure_writable(out / "schedule.json")
     dev = resolve_device(device)
-    on_gpu = dev == "cuda"
-    ext = extractor or ("inception" if on_gpu else "mnist-cnn")
-    vext = verify_extractor or ("inception" if on_gpu else ext)
     model = load_model(checkpoint, geometry, dev, sampling.dtype_for(None))
     settings = settings_for(sampling, model)
+    ext = extractor or ("inception" if dev == "cuda" else default_extractor(model))
+    vext = verify_extractor or ("inception" if dev == "cuda" else ext)
+    if dev == "cpu" and "inception" in (ext, vext):
+        images = (trials + 4) * n * (ext == "inception") + 4 * verify_n * (vext == "inception")
+        typer.echo(f"note: Inception features on this CPU cost ~{INCEPTION_CPU_S:.2f} s/image: about "
+                   f"{images * INCEPTION_CPU_S / 60:.0f} min for {images} images in this run", err=True)
     cfg = TuneConfig(tolerance=tolerance, trials=trials, timeout=timeout, batch=batch, n=n,
                      verify_n=verify_n, extractor=ext, verify_extractor=vext,
                      prune_rmse=prune_rmse, seed=seed, sampling=settings)
@@ -456,7 +487,8 @@ def tune(
                         description=f"trials (best feasible {best}, {feasible} feasible)")
 
         summary = run_tune(model, prof, cfg, device=dev, out=out, storage=url, study_name=study,
-                           resume=resume, ref=ref, log=prog.console.print, progress=report,
+                           resume=resume, ref=ref, verify_ref=verify_ref, data=ref_data,
+                           log=prog.console.print, progress=report,
                            checkpoint=_portable(checkpoint))
     from tuner.report import write_report
 

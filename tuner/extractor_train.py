@@ -25,7 +25,7 @@ from tarflow.checkpoint import atomic_write_bytes, atomic_write_text
 from tarflow.model import weights_hash
 from tarflow.errors import UserError
 
-from .quality import MNIST_CNN_WEIGHTS, MnistCNN
+from .extractors import MNIST_CNN_WEIGHTS, MnistCNN
 
 
 def _arrays(data_path) -> dict:

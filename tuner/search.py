@@ -31,7 +31,10 @@ from tarflow.sampling import make_noise, sample
 from tarflow.schedule import BlockPlan, Schedule, builtin_schedule
 from tarflow.settings import SamplingSettings
 
-from . import quality
+from .extractors import get_extractor
+from .fid import RefStats, default_ref_path, fid_against, reference_stats
+from .floor import noise_floor, tolerance_check
+from .paired import paired_proxy
 from .profile import Profile
 from .timing import device_info, summarize, timed
 
@@ -162,7 +165,7 @@ class Objective:
             passes += st.passes
             iters = iters or st.iters
             if i == 0 and prune is not None and x_ref is not None:
-                prune(quality.paired_proxy(xs[0], x_ref[:len(xs[0])]))
+                prune(paired_proxy(xs[0], x_ref[:len(xs[0])]))
             if i > 0 or len(noise) <= bs:
                 secs.append(s)
         return torch.cat(xs), summarize(secs), passes, iters
@@ -175,7 +178,7 @@ class Objective:
         seq = builtin_schedule("sequential", self.model)
         x, lat, _, _ = self.run(seq, noise, labels)
         feats = self.ext.features(to_uint8(x))
-        fid = quality.fid_against(None, self.ref, self.ext, features=feats).fid
+        fid = fid_against(None, self.ref, self.ext, features=feats).fid
         self.baseline = Baseline(noise, labels, x, feats, fid, lat)
         return self.baseline
 
@@ -183,8 +186,8 @@ class Objective:
         base = self.baseline
         x, lat, passes, iters = self.run(sched, base.noise, base.labels, base.x, prune)
         feats = self.ext.features(to_uint8(x))
-        fid = quality.fid_against(None, self.ref, self.ext, features=feats).fid
-        proxy = quality.paired_proxy(x, base.x, self.ext, features_schedule=feats,
+        fid = fid_against(None, self.ref, self.ext, features=feats).fid
+        proxy = paired_proxy(x, base.x, self.ext, features_schedule=feats,
                                      features_sequential=base.feats)
         return Trialled(sched, lat, fid, proxy, passes, iters)
 
@@ -300,12 +303,12 @@ def verify(obj: Objective, candidates, cfg: TuneConfig, vext, vref, log=print):
     seq = builtin_schedule("sequential", model)
     x_seq, _, _, _ = obj.run(seq, noise, labels)
     f_seq = vext.features(to_uint8(x_seq))
-    fid_seq = quality.fid_against(None, vref, vext, features=f_seq).fid
+    fid_seq = fid_against(None, vref, vext, features=f_seq).fid
     for t, sched in candidates:
         x, _, _, _ = obj.run(sched, noise, labels)
         feats = vext.features(to_uint8(x))
-        fid = quality.fid_against(None, vref, vext, features=feats).fid
-        proxy = quality.paired_proxy(x, x_seq, vext, features_schedule=feats, features_sequential=f_seq)
+        fid = fid_against(None, vref, vext, features=feats).fid
+        proxy = paired_proxy(x, x_seq, vext, features_schedule=feats, features_sequential=f_seq)
         ok = fid - fid_seq <= cfg.tolerance
         log(f"verify trial {t.number}: FID {fid:.4g} vs sequential {fid_seq:.4g} "
             f"({vext.id}, n={cfg.verify_n}) -> {'ok' if ok else 'fails the tolerance'}")
@@ -338,17 +341,21 @@ def remeasure(obj: Objective, schedules: dict[str, Schedule], rounds: int = 3, b
     return {name: summarize(v) for name, v in runs.items()}
 
 
-def resolve_ref(extractor, ref_path, data, out: Path):
-    """Reference statistics: an explicit file, the committed bundled ones, or computed from --data."""
+def resolve_ref(extractor, ref_path, data, out: Path, model):
+    """Reference statistics: an explicit file, statistics computed from `data` at the model's
+    resolution (cached in `out`), or the committed MNIST ones when they fit the model."""
     if ref_path is not None:
-        return quality.RefStats.load(ref_path)
-    bundled = quality.default_ref_path(extractor.name)
-    if data is None and bundled.is_file():
-        return quality.RefStats.load(bundled)
-    if data is None:
-        raise UserError(f"no reference statistics for {extractor.id}: pass --ref or --data")
-    return quality.reference_stats(data, extractor=extractor, split="test",
-                                   cache_path=out / f"ref_{extractor.name}.npz")
+        return RefStats.load(ref_path)
+    cfg = model.cfg
+    shape = [cfg.in_channels, cfg.img_size, cfg.img_size]
+    if data is not None:
+        return reference_stats(data, extractor=extractor, split="test", size=cfg.img_size,
+                               cache_path=out / f"ref_{extractor.name}.npz")
+    bundled = default_ref_path(extractor.name)
+    if bundled.is_file() and RefStats.load(bundled).meta.get("image_shape") == shape:
+        return RefStats.load(bundled)
+    raise UserError(f"no reference statistics for {extractor.id} at {'x'.join(map(str, shape))}: "
+                    "pass --ref-data (images) or --ref (see `tarflow-tuner fid-ref`)")
 
 
 def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage: str,
@@ -362,10 +369,10 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     if cfg.n % cfg.batch or cfg.verify_n < 2 * cfg.n:
         raise UserError(f"--n ({cfg.n}) must be a multiple of --batch ({cfg.batch}) and "
                         f"--verify-n ({cfg.verify_n}) at least 2x --n")
-    ext = quality.get_extractor(cfg.extractor, device=device)
-    vext = ext if cfg.verify_extractor == cfg.extractor else quality.get_extractor(cfg.verify_extractor, device=device)
-    ref_s = resolve_ref(ext, ref, data, out)
-    ref_v = ref_s if vext is ext else resolve_ref(vext, verify_ref, data, out)
+    ext = get_extractor(cfg.extractor, device=device)
+    vext = ext if cfg.verify_extractor == cfg.extractor else get_extractor(cfg.verify_extractor, device=device)
+    ref_s = resolve_ref(ext, ref, data, out, model)
+    ref_v = ref_s if vext is ext else resolve_ref(vext, verify_ref, data, out, model)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI shows a progress bar instead
     study = make_study(storage, study_name, cfg.seed, resume, study_config(cfg, model, device))
     obj = Objective(model, profile, cfg, device, ref_s, ext)
@@ -374,9 +381,9 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     log(f"sequential baseline on {cfg.n} samples (batch {cfg.batch}) ...")
     base = obj.prepare()
     log(f"sequential: {base.latency['median_s'] * 1e3:.1f} ms/batch, FID {base.fid:.4g} ({ext.id}, n={cfg.n})")
-    floor = quality.noise_floor(model, ref=ref_s, extractor=ext, n=cfg.n, seeds=cfg.floor_seeds,
+    floor = noise_floor(model, ref=ref_s, extractor=ext, n=cfg.n, seeds=cfg.floor_seeds,
                                 settings=cfg.sampling, batch=cfg.n)
-    warn = quality.tolerance_check(cfg.tolerance, floor)
+    warn = tolerance_check(cfg.tolerance, floor)
     log(f"noise floor: FID {floor['mean']:.4g} ± {floor['std']:.3g} ({ext.id}, n={cfg.n}, "
         f"{len(floor['values'])} seeds)")
     if warn:
