@@ -163,3 +163,41 @@ def test_unconditional_model_samples_profiles_and_tunes(uncond_ckpt, tmp_path):
     assert res.exit_code == 0, res.output
     sched = Schedule.load(tmp_path / "t" / "schedule.json")
     assert sched.sampling == SamplingSettings() and len(sched.plans) == 2
+
+
+def test_search_space_decodes_committed_trials_into_the_exported_schedule():
+    """trials.csv -> SearchSpace -> the plans that schedule.json holds, for the chosen trial."""
+    import pandas as pd
+
+    from tuner.space import SearchSpace
+    from tuner.summary import StudySummary
+
+    from .conftest import ROOT
+
+    for study in ("mnist/tune", "mnist_p2/tune", "mnist_p2/tune_b1"):
+        d = ROOT / "studies" / study
+        summary = StudySummary.load(d / "summary.json")
+        arch = summary.model["arch"]
+        space = SearchSpace(arch["num_blocks"], (arch["img_size"] // arch["patch_size"]) ** 2)
+        row = pd.read_csv(d / "trials.csv").set_index("number").loc[summary.chosen_trial].to_dict()
+        assert space.plans_from_row(row) == [vars(p) for p in Schedule.load(d / "schedule.json").plans], study
+        assert space.plans_from_row({"state": "FAIL"}) is None
+
+
+def test_study_summary_round_trip_and_refusals(tmp_path):
+    from tuner.summary import StudySummary
+
+    from .conftest import ROOT
+
+    path = ROOT / "studies" / "mnist" / "tune" / "summary.json"
+    s = StudySummary.load(path)
+    assert StudySummary.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert s.seeds["sequential"].latency_final["median_s"] != s.seeds["sequential"].latency_s
+    doc = json.loads(path.read_text())
+    for change, text in (({"version": 7}, "unknown summary version 7"), ({"extra": 1}, "unknown summary field"),
+                         ({"sampling": {"guidance": -1}}, "guidance must be")):
+        with pytest.raises(UserError, match=text):
+            StudySummary.from_dict(doc | change)
+    del doc["seeds"]
+    with pytest.raises(UserError, match="missing seeds"):
+        StudySummary.from_dict(doc)

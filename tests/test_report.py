@@ -18,44 +18,26 @@ from tarflow.errors import UserError
 from tuner.cli import app
 from tuner.report import write_report
 
-from .conftest import BUNDLED, ROOT
+from .conftest import ROOT
 
 SECTIONS = ("Summary", "Profile", "Search", "Schedules compared", "Samples", "How to use this schedule")
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy machine two spinning threads can be ~40x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+COMMITTED = ROOT / "studies" / "mnist" / "tune"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, one_thread):
-    from tarflow.checkpoint import load_checkpoint
-    from tuner.profile import calibration_batch, run_profile
-    from tuner.search import TuneConfig, tune
-
-    out = tmp_path_factory.mktemp("study")
-    model = load_checkpoint(BUNDLED)
-    x, _ = calibration_batch(ROOT / "studies" / "mnist" / "calibration.npz", 16, 0, model)
-    prof = run_profile(model, x, None, curve_n=8)
-    prof.save(out / "profile")
-    cfg = TuneConfig(trials=5, n=16, batch=16, verify_n=32, floor_seeds=(101, 102, 103),
-                     tolerance=1e6)  # anything goes: a schedule is always exported
-    tune(model, prof, cfg, device="cpu", out=out, storage=f"sqlite:///{(out / 'study.db').as_posix()}",
-         study_name="t", resume=False, log=lambda *a, **k: None, checkpoint=str(BUNDLED))
-    return out
+def study(tmp_path_factory):
+    """The committed bundled study, copied (rendering it must not need the model)."""
+    d = tmp_path_factory.mktemp("study") / "tune"
+    shutil.copytree(COMMITTED, d, ignore=shutil.ignore_patterns("report.html"))
+    return d
 
 
 @pytest.fixture(scope="module")
 def report(study):
-    path = write_report(study, study / "report.html", n_grid=8)
+    path = write_report(study, study / "report.html")
     return path, path.read_text()
 
 
@@ -65,10 +47,11 @@ def no_schedule_study(study, tmp_path_factory):
     shutil.copytree(study, d, ignore=shutil.ignore_patterns("report.html"))
     (d / "schedule.json").unlink()
     s = json.loads((d / "summary.json").read_text())
-    s["schedule"] = None
-    s.pop("chosen_trial", None)
-    s.pop("chosen_iters", None)
+    s["schedule"], s["chosen_trial"], s["chosen_iters"], s["final_latency"] = None, None, None, {}
     (d / "summary.json").write_text(json.dumps(s))
+    info = json.loads((d / "pictures" / "pictures.json").read_text())
+    info["schedule"] = None
+    (d / "pictures" / "pictures.json").write_text(json.dumps(info))
     return d
 
 
@@ -97,12 +80,45 @@ def test_report_is_self_contained(report, study):
         assert machine_path not in page
 
 
+def test_report_never_touches_the_model(study, tmp_path, monkeypatch):
+    import tarflow.checkpoint
+    import tarflow.sampling
+
+    def refuse(*a, **k):
+        raise AssertionError("the report ran the model")
+
+    monkeypatch.setattr(tarflow.checkpoint, "load_checkpoint", refuse)
+    monkeypatch.setattr(tarflow.sampling, "sample", refuse)
+    assert write_report(study, tmp_path / "r.html").stat().st_size > 100_000
+
+
+def test_report_shows_the_study_as_recorded(report, study):
+    """The chosen plan decoded through the search space, search and re-timed latencies apart."""
+    from tarflow.schedule import Schedule
+    from tuner.summary import StudySummary
+
+    _, page = report
+    summary = StudySummary.load(study / "summary.json")
+    sched = Schedule.load(study / "schedule.json")
+    seq = summary.seeds["sequential"]
+    assert f"{seq.latency_s * 1e3:.1f}" in page and f"{seq.latency_final['median_s'] * 1e3:.1f}" in page
+    assert f"{summary.final_latency['chosen']['median_s'] * 1e3:.1f}" in page
+    assert f"{sched.provenance['speedup_vs_sequential']:.2f}×" in page
+    first = sched.plans[0]  # sampled first; token by token when S = T
+    assert ("token by token" if first.segments == 49 else f"S={first.segments} ×") in page
+    paper = summary.seeds["paper"].schedule
+    tough = next(p for p in paper if p["segments"] > 1)
+    assert f"S={tough['segments']} × ≤{tough['max_iters']}, {tough['init']}" in page
+    assert "labels balanced, no guidance, no denoising step, float32" in page  # the sampling settings
+
+
 def test_report_has_sections_plots_and_pictures(report, study):
     _, page = report
     for title in SECTIONS:
         assert re.search(rf"<h2[^>]*>{re.escape(title)}</h2>", page), title
     assert page.count('class="plotly-graph-div"') >= 6
-    assert outside_scripts(page).count('src="data:image/png;base64,') == 3
+    assert outside_scripts(page).count('src="data:image/png;base64,') == 4  # grids, |Δ|, worst pair
+    assert "Per-sample pixel drift" in page
     summary = json.loads((study / "summary.json").read_text())
     ext = summary["sequential"]["extractor"]
     assert f"{ext}, n={summary['sequential']['n']}" in page  # every FID names its extractor and n
@@ -115,7 +131,7 @@ def test_report_has_sections_plots_and_pictures(report, study):
 
 
 def test_report_without_schedule_says_so(no_schedule_study, tmp_path):
-    out = write_report(no_schedule_study, tmp_path / "r.html", n_grid=4)
+    out = write_report(no_schedule_study, tmp_path / "r.html")
     page = out.read_text()
     assert "No schedule was exported" in page
     assert page.count('class="plotly-graph-div"') >= 6  # profile and search still shown
@@ -123,17 +139,21 @@ def test_report_without_schedule_says_so(no_schedule_study, tmp_path):
 
 
 def test_report_cli_default_out_and_errors(study, tmp_path):
-    res = runner.invoke(app, ["report", str(study), "--out", str(tmp_path / "cli.html"), "--n-grid", "4"])
+    res = runner.invoke(app, ["report", str(study), "--out", str(tmp_path / "cli.html")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "cli.html").stat().st_size > 100_000
+    (tmp_path / "v2").mkdir()
+    doc = json.loads((study / "summary.json").read_text())
+    (tmp_path / "v2" / "summary.json").write_text(json.dumps(doc | {"version": 2}))
     for args, text in ((["report", str(tmp_path / "nowhere")], "not a tarflow-tuner study folder"),
                        (["report", str(tmp_path)], "not a tarflow-tuner study folder"),
-                       (["report", str(study), "--checkpoint", str(tmp_path / "none.pth")],
-                        "checkpoint not found")):
+                       (["report", str(tmp_path / "v2")], "unknown summary version 2")):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, res.output
         assert text in res.output and "Traceback" not in res.output
         assert len(res.output.strip().splitlines()) == 1, res.output
+    res = runner.invoke(app, ["report", str(study), "--checkpoint", "m.pth"])
+    assert res.exit_code == 2 and "No such option: --checkpoint" in res.output  # renders files only
 
 
 def test_invalid_summary_is_a_user_error(tmp_path):

@@ -12,9 +12,11 @@ from typer.testing import CliRunner
 from tarflow.sampling import make_noise
 from tarflow.schedule import Schedule, resolve_schedule
 from tarflow.settings import SamplingSettings
-from tuner import quality
+from tarflow.sampling import sample_batched
+from tuner.paired import paired_proxy
 from tuner.cli import app
-from tuner.search import TOL_CHOICES, Objective, TuneConfig
+from tuner.search import Objective, TuneConfig
+from tuner.space import TOL_CHOICES
 
 runner = CliRunner()
 ARGS = ["--trials", "6", "--n", "32", "--batch", "16", "--verify-n", "64", "--device", "cpu",
@@ -59,9 +61,9 @@ def test_exported_schedule_reproduces_its_proxy(study, model):
     assert settings == SamplingSettings(guidance=1.5, denoise_std=0.1)  # the bundled model's training noise
     labels = settings.make_labels(32, model, 0)
     seq = resolve_schedule("sequential", model)
-    xs, xq = quality.sample_batched(model, sched, noise, labels, settings=settings, batch=16)[0], \
-        quality.sample_batched(model, seq, noise, labels, settings=settings, batch=16)[0]
-    proxy = quality.paired_proxy(xs, xq)
+    xs, xq = sample_batched(model, sched, noise, labels, settings=settings, batch=16)[0], \
+        sample_batched(model, seq, noise, labels, settings=settings, batch=16)[0]
+    proxy = paired_proxy(xs, xq)
     assert proxy["rmse_mean"] == pytest.approx(sched.provenance["proxy"]["rmse_mean"], rel=1e-4, abs=1e-6)
 
 
@@ -117,6 +119,6 @@ def test_seed_schedules_lie_in_the_search_space(model):
     assert paper[tough].segments == 8 and all(paper[k].segments == 1 for k in paper if k != tough)
     assert seeds["sejd"].plans[0].segments == T
     for s in seeds.values():
-        params = obj.params_of(s)
+        params = obj.space.params_of(s)
         assert params["tol"] in TOL_CHOICES
-        assert obj.schedule_from_params(params).plans == s.plans
+        assert obj.space.schedule_from_params(params).plans == s.plans

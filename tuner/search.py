@@ -12,7 +12,6 @@ Parameter names are stable: `b{k}_segments`, `b{k}_init`, `b{k}_anderson`, `b{k}
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,11 +35,11 @@ from .fid import RefStats, default_ref_path, fid_against, reference_stats
 from .floor import noise_floor, tolerance_check
 from .paired import paired_proxy
 from .profile import Profile
+from .space import SearchSpace
+from .summary import SeedResult, Sequential, StudySummary
+from .pictures import write_pictures
 from .timing import device_info, summarize, timed
 
-SEGMENT_CHOICES = (1, 2, 4, 8)  # plus T (sequential block); only counts <= T
-TOL_CHOICES = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-ANDERSON_CHOICES = (0, 2, 3)  # Anderson history per block (0 = plain Jacobi)
 PAPER_TOUGH_SEGMENTS, PAPER_TOUGH_ITERS, PAPER_EASY_ITERS = 8, 32, 10
 
 
@@ -89,46 +88,11 @@ class Objective:
         self.model, self.profile, self.cfg, self.device = model, profile, cfg, device
         self.ref, self.ext = ref, extractor
         self.T, self.B = model.cfg.num_patches, model.cfg.num_blocks
-        self.segment_choices = sorted({s for s in SEGMENT_CHOICES if s <= self.T} | {self.T})
+        self.space = SearchSpace.for_model(model, profile)
         self.baseline: Baseline | None = None
 
-    # --- search space -----------------------------------------------------------------------
-    def iters_cap(self, k: int, S: int) -> int:
-        """Budget range top: what the measured curves needed to reach 1e-4 (+1), at most L."""
-        L = -(-self.T // S)
-        need = max(self.profile.iters_needed(k, S, init, 1e-4) for init in ("zeros", "z"))
-        return max(1, min(L, need + 1))
-
-    def schedule_from_params(self, params: dict, name: str = "trial") -> Schedule:
-        tol = float(params["tol"])
-        plans = []
-        for k in range(self.B - 1, -1, -1):
-            S = int(params[f"b{k}_segments"])
-            plans.append(BlockPlan(k, S, int(params[f"b{k}_iters_s{S}"]), params[f"b{k}_init"], tol,
-                                   anderson=int(params.get(f"b{k}_anderson", 0))))
-        return Schedule(plans=tuple(plans), fingerprint=self.model.fingerprint, name=name)
-
-    def suggest(self, trial: optuna.Trial) -> Schedule:
-        params = {"tol": trial.suggest_categorical("tol", TOL_CHOICES)}
-        for k in range(self.B - 1, -1, -1):
-            S = trial.suggest_categorical(f"b{k}_segments", self.segment_choices)
-            params[f"b{k}_segments"] = S
-            params[f"b{k}_init"] = trial.suggest_categorical(f"b{k}_init", ("zeros", "z"))
-            params[f"b{k}_anderson"] = trial.suggest_categorical(f"b{k}_anderson", ANDERSON_CHOICES)
-            params[f"b{k}_iters_s{S}"] = trial.suggest_int(f"b{k}_iters_s{S}", 1, self.iters_cap(k, S))
-        return self.schedule_from_params(params, name=f"trial-{trial.number}")
-
-    def params_of(self, sched: Schedule) -> dict:
-        """A schedule as search parameters (budgets clipped to the search range)."""
-        params = {"tol": min(TOL_CHOICES, key=lambda t: abs(t - sched.plans[-1].tol))}
-        for p in sched.plans:
-            S = p.segments if p.segments in self.segment_choices else min(
-                self.segment_choices, key=lambda s: abs(s - p.segments))
-            params[f"b{p.block}_segments"] = S
-            params[f"b{p.block}_init"] = p.init
-            params[f"b{p.block}_anderson"] = min(ANDERSON_CHOICES, key=lambda m: abs(m - p.anderson))
-            params[f"b{p.block}_iters_s{S}"] = min(p.max_iters, self.iters_cap(p.block, S))
-        return params
+    def schedule_from_params(self, params: dict, name: str) -> Schedule:
+        return self.space.schedule_from_params(params, name, self.model.fingerprint)
 
     def seed_schedules(self) -> dict[str, Schedule]:
         """Known answers the search starts from and the report compares against."""
@@ -150,7 +114,7 @@ class Objective:
             "jacobi": builtin_schedule("jacobi:segments=4,max_iters=6,tol=1e-3", self.model),
         }
         # what was actually run: each seed as it lies in the search space
-        return {name: self.schedule_from_params(self.params_of(s), name) for name, s in seeds.items()}
+        return {name: self.schedule_from_params(self.space.params_of(s), name) for name, s in seeds.items()}
 
     # --- measurement ------------------------------------------------------------------------
     def run(self, sched: Schedule, noise, labels, x_ref=None, prune=None):
@@ -192,7 +156,7 @@ class Objective:
         return Trialled(sched, lat, fid, proxy, passes, iters)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        sched = self.suggest(trial)
+        sched = self.space.suggest(trial, f"trial-{trial.number}", self.model.fingerprint)
 
         def prune(proxy):
             trial.set_user_attr("warmup_rmse", proxy["rmse_mean"])
@@ -360,12 +324,10 @@ def resolve_ref(extractor, ref_path, data, out: Path, model):
 
 def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage: str,
          study_name: str, resume: bool, ref=None, verify_ref=None, data=None, log=print,
-         progress=None, checkpoint: str | None = None) -> dict:
-    """The whole search; writes schedule.json, trials.csv, summary.json and seeds/*.json into `out`.
-
-    Returns the summary; raises UserError on bad input. `summary["schedule"]` is None when no
-    schedule met the tolerance (then no schedule file is written).
-    """
+         progress=None, checkpoint: str | None = None) -> StudySummary:
+    """The whole search; writes schedule.json, trials.csv, summary.json, seeds/*.json and the
+    report's pictures into `out`. `summary.schedule` is None when no schedule met the tolerance
+    (then no schedule file is written). Raises UserError on bad input."""
     if cfg.n % cfg.batch or cfg.verify_n < 2 * cfg.n:
         raise UserError(f"--n ({cfg.n}) must be a multiple of --batch ({cfg.batch}) and "
                         f"--verify-n ({cfg.verify_n}) at least 2x --n")
@@ -382,17 +344,42 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     base = obj.prepare()
     log(f"sequential: {base.latency['median_s'] * 1e3:.1f} ms/batch, FID {base.fid:.4g} ({ext.id}, n={cfg.n})")
     floor = noise_floor(model, ref=ref_s, extractor=ext, n=cfg.n, seeds=cfg.floor_seeds,
-                                settings=cfg.sampling, batch=cfg.n)
+                        settings=cfg.sampling, batch=cfg.n)
     warn = tolerance_check(cfg.tolerance, floor)
     log(f"noise floor: FID {floor['mean']:.4g} ± {floor['std']:.3g} ({ext.id}, n={cfg.n}, "
         f"{len(floor['values'])} seeds)")
     if warn:
         log(f"warning: {warn}")
-
     seeds = obj.seed_schedules()
+    run_trials(study, obj, seeds, cfg, progress)
+    summary = StudySummary(
+        study=study_name, checkpoint=checkpoint, model=model.fingerprint, device=device_info(device),
+        batch=cfg.batch, tolerance=cfg.tolerance,
+        config={k: v for k, v in cfg.__dict__.items() if k != "sampling"}, sampling=cfg.sampling,
+        trials=len(study.trials), feasible=len(feasible_trials(study)),
+        search_seconds=round(time.perf_counter() - t_start, 1),
+        sequential=Sequential(base.latency, base.fid, ext.id, cfg.n), noise_floor=floor,
+        tolerance_warning=warn, seeds=seed_results(study, seeds))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, s in seeds.items():  # the baselines compared against, as files `sample` and `bench` run
+        s.save(out / "seeds" / f"{name}.json")
+    atomic_write_text(out / "trials.csv", trials_table(study, ext.id, cfg.n).to_csv(index=False))
+    cands = [(t, obj.schedule_from_params(t.params, f"tuned (trial {t.number})")) for t in feasible_trials(study)]
+    # verify the fastest few feasible candidates (sequential, if fastest, passes trivially)
+    trial, sched, ver = verify(obj, cands[:3], cfg, vext, ref_v, log) if cands else (None, None, None)
+    if sched is not None:
+        sched = export(obj, summary, trial, sched, ver, seeds, log)
+        sched.save(out / "schedule.json")
+    write_pictures(model, sched, out / "pictures", settings=cfg.sampling, seed=cfg.seed)
+    summary.save(out / "summary.json")
+    return summary
+
+
+def run_trials(study, obj: Objective, seeds: dict, cfg: TuneConfig, progress=None) -> None:
+    """Enqueue the seeds (once per study) and run trials until the study holds cfg.trials."""
     if not study.trials:
         for name, s in seeds.items():
-            study.enqueue_trial(obj.params_of(s), user_attrs={"seed": name})
+            study.enqueue_trial(obj.space.params_of(s), user_attrs={"seed": name})
 
     def on_trial(study, trial):
         if progress is not None:
@@ -406,66 +393,50 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     missing = max(0, cfg.trials - len(study.get_trials(deepcopy=False, states=started)))
     study.optimize(RecordFailures(obj), n_trials=missing, timeout=cfg.timeout,
                    callbacks=[on_trial, cap], catch=(Exception,))
-    search_s = time.perf_counter() - t_start
 
-    table = trials_table(study, ext.id, cfg.n)
-    feas = feasible_trials(study)
-    cands = [(t, obj.schedule_from_params(t.params, name=f"tuned (trial {t.number})")) for t in feas]
-    # verify the fastest few feasible candidates (sequential, if fastest, passes trivially)
-    trial, sched, ver = verify(obj, cands[:3], cfg, vext, ref_v, log) if cands else (None, None, None)
 
-    seed_rows = {}
-    for t in study.trials:
+def seed_results(study, seeds: dict) -> dict[str, SeedResult]:
+    """What the search measured for each seed schedule that completed."""
+    out = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         name = t.user_attrs.get("seed")
-        if name and t.state == optuna.trial.TrialState.COMPLETE:
-            seed_rows[name] = {"trial": t.number, "latency_s": t.value if t.state == optuna.trial.TrialState.COMPLETE else None, "fid": t.user_attrs["fid"],
-                               "fid_gap": t.user_attrs["fid_gap"], "feasible": is_feasible(t),
-                               "proxy": t.user_attrs["proxy"], "passes": t.user_attrs["passes"],
-                               "iters": t.user_attrs["iters"],
-                               "schedule": seeds[name].to_dict()["blocks"]}
-    info = device_info(device)
-    summary = {
-        "tolerance": cfg.tolerance, "config": {k: v for k, v in cfg.__dict__.items() if k != "sampling"},
-        "sampling": cfg.sampling.to_dict(),
-        "device": info, "batch": cfg.batch, "trials": len(study.trials),
-        "feasible": len(feas), "search_seconds": round(search_s, 1), "study": study_name,
-        "sequential": {"latency": base.latency, "fid": base.fid, "extractor": ext.id, "n": cfg.n},
-        "noise_floor": floor, "tolerance_warning": warn, "seeds": seed_rows,
-        "model": model.fingerprint, "checkpoint": checkpoint, "schedule": None,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    for name, s in seeds.items():  # the baselines compared against, as files `sample` and `bench` run
-        s.save(out / "seeds" / f"{name}.json")
-    atomic_write_text(out / "trials.csv", table.to_csv(index=False))
-    if sched is None:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
-        return summary
+        if name:
+            a = t.user_attrs
+            out[name] = SeedResult(t.number, t.value, a["fid"], a["fid_gap"], is_feasible(t), a["proxy"],
+                                   a["passes"], a["iters"], seeds[name].to_dict()["blocks"])
+    return out
+
+
+def export(obj: Objective, summary: StudySummary, trial, sched: Schedule, ver: dict, seeds: dict,
+           log=print) -> Schedule:
+    """Re-time the winner against the seeds (interleaved) and write what was measured into the
+    schedule's provenance and the summary."""
     log("re-timing the chosen schedule against the seeds (interleaved) ...")
-    final = remeasure(obj, {"chosen": sched} | {k: seeds[k] for k in seed_rows})
+    final = remeasure(obj, {"chosen": sched} | {k: seeds[k] for k in summary.seeds})
     lat = final["chosen"]["median_s"]
-    seq_lat = final["sequential"]["median_s"] if "sequential" in final else base.latency["median_s"]
-    for k in seed_rows:
-        seed_rows[k]["latency_final"] = final[k]
-    summary["final_latency"] = final
+    seq_lat = final["sequential"]["median_s"] if "sequential" in final else summary.sequential_latency_s
+    for k, seed in summary.seeds.items():
+        seed.latency_final = final[k]
+    cfg, floor = obj.cfg, summary.noise_floor
     prov = {
         "tool": "tarflow-tuner", "tool_version": _version(), "date": time.strftime("%Y-%m-%d"),
-        "tolerance": cfg.tolerance, "trial": trial.number, "trials": len(study.trials),
-        "fid_search": {"fid": trial.user_attrs["fid"], "sequential": base.fid,
-                       "gap": trial.user_attrs["fid_gap"], "extractor": ext.id, "n": cfg.n,
-                       "noise_floor_std": floor["std"], "noise_floor_mean": floor["mean"]},
+        "tolerance": cfg.tolerance, "trial": trial.number, "trials": summary.trials,
+        "fid_search": {"fid": trial.user_attrs["fid"], "sequential": summary.sequential.fid,
+                       "gap": trial.user_attrs["fid_gap"], "extractor": summary.sequential.extractor,
+                       "n": cfg.n, "noise_floor_std": floor["std"], "noise_floor_mean": floor["mean"]},
         "fid_verify": ver, "latency_s": lat, "sequential_latency_s": seq_lat,
         "speedup_vs_sequential": seq_lat / lat,
-        "speedup_vs_seeds": {k: final[k]["median_s"] / lat for k in seed_rows},
-        "latency_search_s": trial.value, "equivalent_to_sequential": all(p.segments == obj.T for p in sched.plans),
-        "proxy": trial.user_attrs["proxy"], "batch": cfg.batch, "sampling": cfg.sampling.to_dict(), **info,
+        "speedup_vs_seeds": {k: final[k]["median_s"] / lat for k in summary.seeds},
+        "latency_search_s": trial.value, "equivalent_to_sequential": sched.is_sequential(obj.T),
+        "proxy": trial.user_attrs["proxy"], "batch": cfg.batch, "sampling": cfg.sampling.to_dict(),
+        **summary.device,
     }
     sched = sched.with_provenance(**prov)
-    summary["schedule"] = sched.to_dict()
-    summary["chosen_trial"] = trial.number
-    summary["chosen_iters"] = trial.user_attrs["iters"]
-    sched.save(out / "schedule.json")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
-    return summary
+    summary.final_latency = final
+    summary.schedule = sched.to_dict()
+    summary.chosen_trial = trial.number
+    summary.chosen_iters = trial.user_attrs["iters"]
+    return sched
 
 
 def _version() -> str:
