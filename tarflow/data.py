@@ -113,21 +113,31 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-def save_grid(x: torch.Tensor, path, nrow: int | None = None, scale: int = 2) -> None:
-    """Save model-space images as one PNG grid (1-pixel gaps)."""
+def grid_png(u8: np.ndarray, nrow: int | None = None, scale: int = 2, gap: int = 255) -> bytes:
+    """uint8 N×c×H×W -> PNG bytes of one grid (1-pixel gaps), nearest-neighbour upscaled;
+    `nrow` images per row (default: a square grid)."""
+    import io
+
     from PIL import Image
 
-    from .checkpoint import atomic_write_bytes
-
-    u8 = to_uint8(x)
     n, c, h, w = u8.shape
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / nrow))
-    grid = np.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), 255, np.uint8)
+    nrow = max(1, min(nrow or int(np.ceil(np.sqrt(n))), n))
+    rows = -(-n // nrow)
+    grid = np.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), gap, np.uint8)
     for i in range(n):
         r, q = divmod(i, nrow)
         grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = u8[i]
     img = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def save_grid(x: torch.Tensor, path, nrow: int | None = None, scale: int = 2) -> None:
+    """Save model-space images as one PNG grid."""
+    from .checkpoint import atomic_write_bytes
+
+    png = grid_png(to_uint8(x), nrow, scale)
+    atomic_write_bytes(path, lambda f: f.write(png))

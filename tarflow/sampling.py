@@ -249,12 +249,60 @@ def solve_jacobi(solver: BlockSolver, z, plan: BlockPlan, stats: SamplerStats, c
     return x
 
 
+@torch.no_grad()
+def solve_frontier(solver: BlockSolver, z, plan: BlockPlan, stats: SamplerStats, check_every: int):
+    """One block by a moving frontier: tokens <= f are final, and so is their K/V.
+
+    Each pass runs the window tokens [f, f + W) through the transformer in one call (writing
+    their K/V), computes the plain Jacobi update of tokens f+1 .. f+W, and accepts the longest
+    prefix whose update (max over batch and channels) is <= tol, plus the token after it: that
+    one's parameters come from accepted inputs only, so its update is as exact as they are and
+    every pass advances at least one token. Accepted tokens before the new frontier keep the
+    pass's input (their K/V was computed from it; it is within tol of its update); the new
+    frontier token takes its update and gets its K/V at the start of the next pass; tokens past
+    it keep their update as the next warm start. With tol = 0 only exactly-fixed inputs are
+    accepted, so every kept token equals the sequential sampler's.
+
+    Bound: after plan.max_iters passes the tokens past the frontier keep their latest iterate,
+    as a spent Jacobi budget does. A non-finite pass re-solves the rest token by token
+    (stats.fallbacks). Host reads: one per pass (the accepted length and a finiteness flag in
+    one transfer); the frontier itself lives on the host.
+    """
+    T, W = z.shape[1], plan.window
+    x = z.clone() if plan.init == "z" else torch.zeros_like(z)
+    x[:, 0] = z[:, 0]
+    f, passes, tokens, residual = 0, 0, 0, 0.0
+    while f < T - 1 and passes < plan.max_iters:
+        e = min(f + W, T - 1)  # inputs f .. e-1 give the updates of tokens f+1 .. e
+        a, b = solver.params(x[:, f:e], f)
+        new = affine_inverse(z[:, f + 1:e + 1], a, b)
+        upd = (new - x[:, f + 1:e + 1]).abs().amax(dim=(0, 2))  # per token
+        ok = (upd <= plan.tol).int().cumprod(0).sum()
+        accepted, finite, residual = torch.stack([ok.to(upd.dtype), torch.isfinite(new).all().to(upd.dtype),
+                                                  upd.max()]).tolist()
+        passes, tokens = passes + 1, tokens + (e - f)
+        if not finite:  # re-solve the rest exactly, one token per pass
+            stats.fallbacks.append((plan.block, f))
+            for t in range(f, T - 1):
+                a, b = solver.params(x[:, t:t + 1], t)
+                x[:, t + 1] = affine_inverse(z[:, t + 1], a[:, 0], b[:, 0])
+            passes, tokens, f, residual = passes + T - 1 - f, tokens + T - 1 - f, T - 1, 0.0
+            break
+        m = min(int(accepted) + 1, e - f)
+        x[:, f + m:e + 1] = new[:, m - 1:]
+        f += m
+    stats.record(plan.block, "frontier", [passes], [residual], tokens)
+    return x
+
+
 def block_mode(plan: BlockPlan, T: int) -> str:
-    """Which solver runs a block: a plan with one token per segment is the sequential path."""
+    """Which solver runs a block: its plan's mode; one token per segment is the sequential path."""
+    if plan.mode == "frontier":
+        return "frontier"
     return "sequential" if plan.segments == T else "jacobi"
 
 
-SOLVERS = {"sequential": solve_sequential, "jacobi": solve_jacobi}
+SOLVERS = {"sequential": solve_sequential, "jacobi": solve_jacobi, "frontier": solve_frontier}
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ Built-in names, with optional inline parameters (`name:key=value,...`):
   jacobi:segments=1,max_iters=T,init=zeros,tol=0,anderson=0   one plan for every block
   sejd:tol=0.05,init=zeros,anderson=0   block sampled first sequential, the rest one-segment Jacobi
                                    with early stop on the max-norm update (after arXiv 2505.24791)
+  frontier:window=T,tol=0,init=zeros,max_passes=T   every block in frontier mode
 """
 
 from __future__ import annotations
@@ -23,21 +24,27 @@ from .checkpoint import atomic_write_text
 from .errors import UserError
 from .settings import SamplingSettings
 
-SCHEMA_VERSION = 2  # 2 added the optional per-block `anderson` history (version 1 files still load)
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # 2 added `anderson`, 3 the frontier mode (`mode`, `window`); 1 and 2 still load
+READABLE_VERSIONS = (1, 2, 3)
+MODES = ("segments", "frontier")
 INITS = ("zeros", "z")  # initial Jacobi guess: zeros (token 0 kept) or the block's input noise z
 ANDERSON_MAX = 5  # longest Anderson history a plan may ask for
-PLAN_KEYS = ("block", "segments", "max_iters", "init", "tol", "anderson")
+PLAN_KEYS = ("block", "segments", "max_iters", "init", "tol", "anderson", "mode", "window")
 
 
 @dataclass(frozen=True)
 class BlockPlan:
     """How one flow block is solved.
 
-    block: forward block index. segments: Gauss-Seidel segments (1..T, need not divide T).
-    max_iters: parallel passes per segment (>= segment length makes it exact).
-    init: initial guess. tol: early stop when the plain Jacobi update max |G(x) - x| over the
-    segment and batch is <= tol. anderson: Anderson mixing history m (0 = plain Jacobi).
+    mode "segments" (GS-Jacobi): segments: Gauss-Seidel segments (1..T, need not divide T;
+    T = token by token, the sequential path). max_iters: parallel passes per segment (>= segment
+    length makes it exact). init: initial guess. tol: a segment stops when the plain Jacobi update
+    max |G(x) - x| over the segment and batch is <= tol. anderson: Anderson history m (0 = off).
+
+    mode "frontier": window: tokens run per pass after the frontier (1..T); tol: the longest
+    prefix whose update is <= tol is accepted each pass; max_iters: the block's pass bound (at
+    the bound the tokens past the frontier keep their latest iterate, as a spent Jacobi budget
+    does); init: initial guess. segments stays 1 and anderson 0. See `solve_frontier`.
     """
 
     block: int
@@ -46,10 +53,12 @@ class BlockPlan:
     init: str = "zeros"
     tol: float = 0.0
     anderson: int = 0
+    mode: str = "segments"
+    window: int = 0  # frontier mode only
 
     def __post_init__(self):
         """A plan is valid the moment it exists; fitting a model is `Schedule.check_fits`."""
-        for k in ("block", "segments", "max_iters", "anderson"):
+        for k in ("block", "segments", "max_iters", "anderson", "window"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise UserError(f"'{k}' must be an integer, got {v!r}")
@@ -67,6 +76,22 @@ class BlockPlan:
         object.__setattr__(self, "tol", float(tol))
         if not 0 <= self.anderson <= ANDERSON_MAX:
             raise UserError(f"anderson must be 0 (off) .. {ANDERSON_MAX}, got {self.anderson}")
+        if self.mode not in MODES:
+            raise UserError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.mode == "frontier" and (self.window < 1 or self.segments != 1 or self.anderson):
+            raise UserError("a frontier plan needs window >= 1 and takes neither segments nor anderson, "
+                            f"got window={self.window}, segments={self.segments}, anderson={self.anderson}")
+        if self.mode == "segments" and self.window:
+            raise UserError(f"window applies to mode 'frontier' only (this plan is 'segments'), got {self.window}")
+
+    def to_dict(self) -> dict:
+        """The fields that apply to the plan's mode (a segments plan reads as in schema 2)."""
+        d = asdict(self)
+        if self.mode == "segments":
+            del d["mode"], d["window"]
+        else:
+            del d["segments"], d["anderson"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -83,7 +108,7 @@ class Schedule:
             "schema_version": self.schema_version,
             "name": self.name,
             "fingerprint": copy.deepcopy(self.fingerprint),
-            "blocks": [asdict(p) for p in self.plans],
+            "blocks": [p.to_dict() for p in self.plans],
             "provenance": copy.deepcopy(self.provenance),
         }
 
@@ -145,8 +170,9 @@ class Schedule:
             if p.block != B - 1 - i:
                 raise UserError(f"schedule '{self.name}': entry {i} names block {p.block}, expected "
                                 f"{B - 1 - i} (entries are in sampling order, last block first)")
-            if p.segments > T:
-                raise UserError(f"schedule '{self.name}': block {p.block} segments={p.segments} "
+            if p.segments > T or p.window > T:
+                what = f"segments={p.segments}" if p.segments > T else f"window={p.window}"
+                raise UserError(f"schedule '{self.name}': block {p.block} {what} "
                                 f"exceeds the sequence length T={T}")
         fp = model.fingerprint
         if not force and self.fingerprint is not None and fp is not None and self.fingerprint != fp:
@@ -174,10 +200,11 @@ def _plan_from_dict(d, where: str) -> BlockPlan:
     unknown = set(d) - set(PLAN_KEYS)
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    missing = [k for k in ("block", "segments", "max_iters") if k not in d]
+    needed = ("block", "max_iters", "window") if d.get("mode") == "frontier" else ("block", "segments", "max_iters")
+    missing = [k for k in needed if k not in d]
     if missing:
         raise UserError(f"{where}: missing '{missing[0]}'")
-    return _plan(where, **d)
+    return _plan(where, **({"segments": 1} | d))
 
 
 def _plan(where: str, *args, **kwargs) -> BlockPlan:
@@ -223,8 +250,13 @@ def builtin_schedule(spec: str, model) -> Schedule:
         p = _params(args, {"tol": 0.05, "init": "zeros", "max_iters": T, "anderson": 0}, name)
         plans = [BlockPlan(k, T, 1) if i == 0 else _plan(f"schedule '{spec}'", k, 1, **p)
                  for i, k in enumerate(order)]
+    elif name == "frontier":
+        p = _params(args, {"window": T, "tol": 0.0, "init": "zeros", "max_passes": T}, name)
+        plans = [_plan(f"schedule '{spec}'", k, 1, p["max_passes"], p["init"], p["tol"], mode="frontier",
+                       window=p["window"]) for k in order]
     else:
-        raise UserError(f"unknown schedule '{spec}': give a JSON file or one of sequential, jacobi, sejd")
+        raise UserError(f"unknown schedule '{spec}': give a JSON file or one of sequential, jacobi, sejd, "
+                        "frontier")
     return Schedule(plans=tuple(plans), fingerprint=model.fingerprint, name=spec)
 
 

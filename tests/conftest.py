@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -41,3 +40,19 @@ def mnist_npz(tmp_path):
     out = tmp_path / "mnist_sample.npz"
     np.savez(out, x_train=d["x"], y_train=d["y"], x_test=d["x"], y_test=d["y"])
     return out
+
+
+def run_cli(*args):
+    """Invoke the command line in-process (arguments may be paths or numbers)."""
+    from typer.testing import CliRunner
+
+    from tuner.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(res, text):
+    """Bad input: exit code 2 and one line `error: ...` naming the problem, no traceback."""
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: ") and text in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output

@@ -3,13 +3,9 @@
 import json
 
 import numpy as np
-import pytest
-import torch
 from typer.testing import CliRunner
 
 from tuner.cli import app
-
-from .conftest import BUNDLED
 
 runner = CliRunner()
 
@@ -97,4 +93,4 @@ def test_train_writes_loadable_checkpoint_and_resumes(tmp_path, mnist_npz):
     assert res.exit_code == 0, res.output
     assert "resuming from step 2" in res.output
     assert json.loads((tmp_path / "m.json").read_text())["train"]["steps_done"] == 4
-    assert not torch.equal(load_checkpoint(tmp_path / "m.pth").var, m.var)
+    # that 2 + 2 steps equal 4 steps, bit for bit, is tests/test_loading.py's resume test

@@ -5,28 +5,16 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from tarflow.errors import UserError
 from tarflow.model import TarFlow, TarFlowConfig
 from tarflow.sampling import make_noise, sample
 from tarflow.schedule import BlockPlan, Schedule, builtin_schedule
 from tarflow.settings import SamplingSettings
-from tuner.cli import app
 
-from .conftest import CALIB
+from .conftest import CALIB, one_line_error, run_cli
 
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res, text):
-    assert res.exit_code == 2, res.output
-    assert res.output.startswith("error: ") and text in res.output, res.output
-    assert len(res.output.strip().splitlines()) == 1, res.output
+run = run_cli
 
 
 def test_sequential_path_is_chosen_per_block_inside_a_mixed_schedule(model64):
@@ -201,3 +189,20 @@ def test_study_summary_round_trip_and_refusals(tmp_path):
     del doc["seeds"]
     with pytest.raises(UserError, match="missing seeds"):
         StudySummary.from_dict(doc)
+
+
+def test_readme_python_snippet_runs_as_written(monkeypatch):
+    """The three calls the README shows a user with their own sampling code, run verbatim."""
+    import re
+
+    from .conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### In your own code"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(ROOT)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    x, stats, model = scope["x"], scope["stats"], scope["model"]
+    assert x.shape == (16, 1, 28, 28) and torch.isfinite(x).all()
+    assert stats.modes[0] == "sequential" and len(stats.modes) == model.cfg.num_blocks

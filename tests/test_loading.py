@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from tarflow.checkpoint import as_tarflow, infer_geometry, load_checkpoint, parse_official_name
 from tarflow.data import load_images
@@ -16,21 +15,10 @@ from tarflow.model import TarFlow, TarFlowConfig
 from tarflow.sampling import make_noise, sample
 from tarflow.schedule import builtin_schedule
 from tarflow.settings import SamplingSettings
-from tuner.cli import app
 
-from .conftest import BUNDLED
+from .conftest import BUNDLED, one_line_error, run_cli
 
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res, text):
-    assert res.exit_code == 2, res.output
-    assert res.output.startswith("error: ") and text in res.output, res.output
-    assert len(res.output.strip().splitlines()) == 1, res.output
+run = run_cli
 
 
 @pytest.fixture(scope="module")

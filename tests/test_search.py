@@ -6,7 +6,6 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from tarflow.sampling import make_noise

@@ -10,9 +10,8 @@ import typer
 
 from tarflow.errors import UserError
 
-from .cli_options import (check_agreement, ensure_writable, geometry_options, load_model, progress_bar,
-                          recorded_sampling, refuse_overwrite, resolve_device, sampling_options,
-                          settings_for, user_errors)
+from .cli_options import (check_agreement, ensure_writable, geometry_options, load_model, model_command, progress_bar,
+                          recorded_sampling, refuse_overwrite, resolve_device, settings_for, user_errors)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Tune, run and report GS-Jacobi sampling schedules for TarFlow models.")
@@ -50,10 +49,7 @@ def train(
     run_train(data, out, cfg, tc, resume=resume, device=device)
 
 
-@app.command()
-@user_errors
-@geometry_options
-@sampling_options
+@model_command(app)
 def sample(
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
     schedule: str = typer.Option("sequential", help="schedule JSON file or built-in name"),
@@ -132,10 +128,7 @@ def schedule_show(
     typer.echo(resolve_schedule(spec, model, force=force).to_json(), nl=False)
 
 
-@app.command()
-@user_errors
-@geometry_options
-@sampling_options
+@model_command(app)
 def fid(
     samples: Optional[Path] = typer.Argument(
         None, help="samples .npz (x: model-space floats or uint8) or image folder; "
@@ -213,10 +206,7 @@ def fid_ref(
 DEFAULT_CALIB = STUDIES / "mnist" / "calibration.npz"
 
 
-@app.command()
-@user_errors
-@geometry_options
-@sampling_options
+@model_command(app)
 def profile(
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
     data: Path = typer.Option(DEFAULT_CALIB, help="calibration images: npz or image folder"),
@@ -256,10 +246,7 @@ def profile(
     typer.echo(f"wrote {out}/profile.csv, convergence.csv, iters_to_tol.csv, profile.json")
 
 
-@app.command()
-@user_errors
-@geometry_options
-@sampling_options
+@model_command(app)
 def tune(
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
     data: Path = typer.Option(DEFAULT_CALIB, help="calibration images for the profile (npz or folder)"),
@@ -353,10 +340,7 @@ def _portable(path: Path) -> str:
     return path.name
 
 
-@app.command()
-@user_errors
-@geometry_options
-@sampling_options
+@model_command(app)
 def bench(
     schedules: list[str] = typer.Argument(None, help="schedule files or built-in names"),
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),

@@ -75,6 +75,14 @@ GEOMETRY_OPTIONS = [
 ]
 
 
+def model_command(app, name: str | None = None):
+    """Register a command that loads a checkpoint and samples: one-line errors, and the
+    geometry and sampling option groups."""
+    def deco(fn):
+        return app.command(name)(user_errors(geometry_options(sampling_options(fn))))
+    return deco
+
+
 def sampling_options(fn):
     """The sampling options of `sample`, shared by every command that samples."""
     from tarflow.settings import SamplingRequest

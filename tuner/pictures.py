@@ -9,7 +9,6 @@ pixel drift on the 0-255 scale).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -18,31 +17,12 @@ import numpy as np
 import torch
 
 from tarflow.checkpoint import atomic_write_bytes, atomic_write_text
-from tarflow.data import to_uint8
+from tarflow.data import grid_png, to_uint8
 from tarflow.sampling import make_noise, sample
 from tarflow.schedule import Schedule, builtin_schedule
 from tarflow.settings import SamplingSettings
 
 PICTURES_JSON = "pictures.json"
-
-
-def grid_png(u8: np.ndarray, nrow: int = 8, scale: int = 3, gap: int = 255) -> bytes:
-    """uint8 N×c×H×W -> PNG bytes of one grid with 1-pixel gaps, nearest-neighbour upscaled."""
-    from PIL import Image
-
-    n, c, h, w = u8.shape
-    nrow = max(1, min(nrow, n))
-    rows = -(-n // nrow)
-    grid = np.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), gap, np.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = u8[i]
-    img = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
 
 
 def nice_gain(max_diff: float) -> float:
@@ -70,7 +50,7 @@ def write_pictures(model, schedule: Schedule | None, out: Path, *, settings: Sam
     noise = make_noise(n, model, seed)
     labels = settings.make_labels(n, model, seed)
     x_seq, st_seq = sample(model, noise, builtin_schedule("sequential", model), labels=labels, settings=settings)
-    atomic_write_bytes(out / "sequential.png", lambda f: f.write(grid_png(to_uint8(x_seq))))
+    atomic_write_bytes(out / "sequential.png", lambda f: f.write(grid_png(to_uint8(x_seq), 8, 3)))
     info = {"n": n, "seed": seed, "sampling": settings.to_dict(), "sequential_passes": st_seq.passes,
             "schedule": None}
     if schedule is not None:
@@ -81,8 +61,8 @@ def write_pictures(model, schedule: Schedule | None, out: Path, *, settings: Sam
         gain = nice_gain(max_d)
         worst = int(drift.argmax())
         pair = np.stack([to_uint8(x_seq[worst:worst + 1])[0], to_uint8(x_s[worst:worst + 1])[0]])
-        files = {"schedule.png": grid_png(to_uint8(x_s)),
-                 "diff.png": grid_png((d * gain).clamp(0, 255).round().to(torch.uint8).numpy(), gap=96),
+        files = {"schedule.png": grid_png(to_uint8(x_s), 8, 3),
+                 "diff.png": grid_png((d * gain).clamp(0, 255).round().to(torch.uint8).numpy(), 8, 3, gap=96),
                  "worst.png": grid_png(pair, nrow=2, scale=6)}
         for name, png in files.items():
             atomic_write_bytes(out / name, lambda f, png=png: f.write(png))
