@@ -1,6 +1,7 @@
 """Real users' checkpoints and data: official files with no sidecar, models in memory, bad files."""
 
 import io
+import json
 import pickle
 import shutil
 
@@ -213,3 +214,25 @@ def test_bad_dataset_arrays(tmp_path, arrays, text):
         load_images(tmp_path / "d.npz")
     one_line_error(run("profile", "--data", tmp_path / "d.npz", "--out", tmp_path / "p"), text)
     assert not (tmp_path / "p" / "profile.csv").exists()
+
+
+def test_a_folder_of_pngs_is_calibration_data_and_an_fid_reference(tmp_path):
+    from PIL import Image
+
+    from .conftest import CALIB
+
+    d = np.load(CALIB)
+    for i, (img, y) in enumerate(zip(d["x"][:40], d["y"][:40])):
+        (tmp_path / "imgs" / f"digit{y}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "imgs" / f"digit{y}" / f"{i}.png")
+    res = run_cli("profile", "--data", tmp_path / "imgs", "--n", 16, "--curve-n", 4, "--out", tmp_path / "p")
+    assert res.exit_code == 0, res.output
+    res = run_cli("fid-ref", "--data", tmp_path / "imgs", "--extractor", "mnist-cnn", "--out", tmp_path / "ref.npz")
+    assert res.exit_code == 0, res.output
+    assert "n=40" in res.output and "images 1x28x28" in res.output
+    res = run_cli("fid", "--n", 20, "--ref", tmp_path / "ref.npz", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["ref"]["n"] == 40 and doc["ref"]["source"] == "imgs" and doc["fid"] > 0
+    one_line_error(run_cli("fid-ref", "--data", tmp_path / "imgs", "--extractor", "mnist-cnn",
+                           "--out", tmp_path / "ref.npz"), "already exists")
