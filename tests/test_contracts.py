@@ -153,6 +153,31 @@ def test_unconditional_model_samples_profiles_and_tunes(uncond_ckpt, tmp_path):
     assert sched.sampling == SamplingSettings() and len(sched.plans) == 2
 
 
+def test_passes_objective_and_drift_limit(uncond_ckpt, tmp_path):
+    """Serial passes as the objective (device independent) under a per-sample drift limit."""
+    import pandas as pd
+
+    res = run("tune", "--checkpoint", uncond_ckpt, "--trials", 6, "--n", 16, "--batch", 8, "--verify-n", 256,
+              "--tolerance", 1000, "--objective", "passes", "--max-drift", 2, "--device", "cpu",
+              "--out", tmp_path / "t")
+    assert res.exit_code == 0, res.output
+    p = Schedule.load(tmp_path / "t" / "schedule.json").provenance
+    assert p["objective"] == "passes" and p["objective_value"] == pytest.approx(p["passes_per_batch"])
+    assert p["fid_verify"]["proxy"]["rmse_max"] <= 2 and p["fid_verify"]["n"] == 256
+    trials = pd.read_csv(tmp_path / "t" / "trials.csv")
+    done = trials[trials.state == "COMPLETE"]
+    assert (done.objective == done.passes / 2).all()  # passes summed over the 2 batches of 8
+    assert p["objective_value"] == done[done.feasible].objective.min()
+    assert "objective: serial passes" in res.output
+    for args, text in ((["--max-drift", 1, "--verify-n", 64], "--verify-n >= 256"),
+                       (["--trials", 0], "--trials and --batch must be >= 1"),
+                       (["--tolerance", -1], "--tolerance >= 0"), (["--objective", "speed"], "--objective must be"),
+                       (["--modes", "waves"], "--modes takes")):
+        one_line_error(run("tune", "--checkpoint", uncond_ckpt, "--n", 16, "--batch", 8, *args,
+                           "--out", tmp_path / "u"), text)
+        assert not (tmp_path / "u").exists()  # refused before any work
+
+
 def test_search_space_decodes_committed_trials_into_the_exported_schedule():
     """trials.csv -> SearchSpace -> the plans that schedule.json holds, for the chosen trial."""
     import pandas as pd

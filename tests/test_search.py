@@ -117,6 +117,7 @@ def test_seed_schedules_lie_in_the_search_space(model):
     paper = {p.block: p for p in seeds["paper"].plans}
     assert paper[tough].segments == 8 and all(paper[k].segments == 1 for k in paper if k != tough)
     assert seeds["sejd"].plans[0].segments == T
+    assert {p.mode for p in seeds["frontier"].plans} == {"frontier"} and seeds["frontier"].plans[0].window == 49
     for s in seeds.values():
         params = obj.space.params_of(s)
         assert params["tol"] in TOL_CHOICES

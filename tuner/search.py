@@ -41,6 +41,8 @@ from .pictures import write_pictures
 from .timing import device_info, summarize, timed
 
 PAPER_TOUGH_SEGMENTS, PAPER_TOUGH_ITERS, PAPER_EASY_ITERS = 8, 32, 10
+OBJECTIVES = ("latency", "passes")
+MIN_DRIFT_VERIFY_N = 256  # a per-sample limit is re-checked on at least this many fresh samples
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,23 @@ class TuneConfig:
     extractor: str = "mnist-cnn"
     verify_extractor: str = "mnist-cnn"
     prune_rmse: float = 12.0  # pixel RMSE (0-255) on the warm-up batch above which a trial is pruned
+    objective: str = "latency"  # latency (measured here) or passes (serial transformer passes per batch)
+    max_drift: float | None = None  # per-sample pixel RMSE (0-255) vs sequential, max over samples
+    modes: tuple[str, ...] = ("segments", "frontier")  # block modes the search may choose
+
+    def __post_init__(self):
+        """Impossible options are refused before any work."""
+        if self.trials < 1 or self.tolerance < 0 or self.batch < 1:
+            raise UserError(f"--trials and --batch must be >= 1 and --tolerance >= 0, got {self.trials}, "
+                            f"{self.batch}, {self.tolerance:g}")
+        if self.n % self.batch or self.verify_n < 2 * self.n:
+            raise UserError(f"--n ({self.n}) must be a multiple of --batch ({self.batch}) and "
+                            f"--verify-n ({self.verify_n}) at least 2x --n")
+        if self.max_drift is not None and (self.max_drift < 0 or self.verify_n < MIN_DRIFT_VERIFY_N):
+            raise UserError(f"--max-drift must be >= 0 and is re-checked on fresh noise with --verify-n >= "
+                            f"{MIN_DRIFT_VERIFY_N} (got {self.max_drift:g}, {self.verify_n})")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
     seed: int = 0
     sampling: SamplingSettings = SamplingSettings()  # what is sampled: every run of the search uses it
     floor_seeds: tuple[int, ...] = (101, 102, 103)
@@ -88,7 +107,7 @@ class Objective:
         self.model, self.profile, self.cfg, self.device = model, profile, cfg, device
         self.ref, self.ext = ref, extractor
         self.T, self.B = model.cfg.num_patches, model.cfg.num_blocks
-        self.space = SearchSpace.for_model(model, profile)
+        self.space = SearchSpace.for_model(model, profile, cfg.modes)
         self.baseline: Baseline | None = None
 
     def schedule_from_params(self, params: dict, name: str) -> Schedule:
@@ -113,6 +132,8 @@ class Objective:
             "sejd": builtin_schedule("sejd:tol=0.03", self.model),
             "jacobi": builtin_schedule("jacobi:segments=4,max_iters=6,tol=1e-3", self.model),
         }
+        if "frontier" in self.cfg.modes:
+            seeds["frontier"] = builtin_schedule(f"frontier:window={min(64, self.T)},tol=1e-3", self.model)
         # what was actually run: each seed as it lies in the search space
         return {name: self.schedule_from_params(self.space.params_of(s), name) for name, s in seeds.items()}
 
@@ -174,6 +195,10 @@ class Objective:
         trial.set_user_attr("passes", r.passes)
         trial.set_user_attr("iters", r.iters)
         trial.set_constraint("fid_gap", gap - self.cfg.tolerance)
+        if self.cfg.max_drift is not None:
+            trial.set_constraint("drift", r.proxy["rmse_max"] - self.cfg.max_drift)
+        if self.cfg.objective == "passes":
+            return r.passes / (len(self.baseline.noise) // self.cfg.batch)
         return r.latency["median_s"]
 
 
@@ -190,8 +215,11 @@ def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame:
     rows = []
     for t in study.trials:
+        done = t.state == optuna.trial.TrialState.COMPLETE
         row = {"number": t.number, "state": t.state.name, "seed": t.user_attrs.get("seed", ""),
-               "latency_s": t.value if t.state == optuna.trial.TrialState.COMPLETE else None, "fid": t.user_attrs.get("fid"), "fid_gap": t.user_attrs.get("fid_gap"),
+               "objective": t.value if done else None,
+               "latency_s": t.user_attrs.get("latency", {}).get("median_s") if done else None,
+               "fid": t.user_attrs.get("fid"), "fid_gap": t.user_attrs.get("fid_gap"),
                "extractor": extractor_id, "n": n,
                "feasible": is_feasible(t),
                "proxy_rmse_mean": t.user_attrs.get("proxy", {}).get("rmse_mean"),
@@ -206,8 +234,10 @@ def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame
 def study_config(cfg: TuneConfig, model, device) -> dict:
     """What makes trials comparable: a study resumed with anything else would mix them."""
     return {"model_sha256": model.fingerprint["weights_sha256"], "batch": cfg.batch,
-            "device": device_info(device)["device_name"], "tolerance": cfg.tolerance,
-            "extractor": cfg.extractor, "n": cfg.n, "seed": cfg.seed, "sampling": cfg.sampling.to_dict()}
+            "objective": cfg.objective, "max_drift": cfg.max_drift, "modes": list(cfg.modes),
+            "device": device_info(device)["device_name"] if cfg.objective == "latency" else None,
+            "tolerance": cfg.tolerance, "extractor": cfg.extractor, "n": cfg.n, "seed": cfg.seed,
+            "sampling": cfg.sampling.to_dict()}
 
 
 def make_study(storage: str, name: str, seed: int, resume: bool, config: dict) -> optuna.Study:
@@ -273,9 +303,12 @@ def verify(obj: Objective, candidates, cfg: TuneConfig, vext, vref, log=print):
         feats = vext.features(to_uint8(x))
         fid = fid_against(None, vref, vext, features=feats).fid
         proxy = paired_proxy(x, x_seq, vext, features_schedule=feats, features_sequential=f_seq)
-        ok = fid - fid_seq <= cfg.tolerance
+        drift_ok = cfg.max_drift is None or proxy["rmse_max"] <= cfg.max_drift
+        ok = fid - fid_seq <= cfg.tolerance and drift_ok
+        why = "ok" if ok else ("fails the FID tolerance" if drift_ok else
+                               f"drifts {proxy['rmse_max']:.3g}/255 > {cfg.max_drift:g} on a sample")
         log(f"verify trial {t.number}: FID {fid:.4g} vs sequential {fid_seq:.4g} "
-            f"({vext.id}, n={cfg.verify_n}) -> {'ok' if ok else 'fails the tolerance'}")
+            f"({vext.id}, n={cfg.verify_n}), max drift {proxy['rmse_max']:.3g}/255 -> {why}")
         if ok:
             return t, sched, {"fid": fid, "fid_sequential": fid_seq, "gap": fid - fid_seq,
                               "extractor": vext.id, "n": cfg.verify_n, "proxy": proxy}
@@ -328,9 +361,6 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     """The whole search; writes schedule.json, trials.csv, summary.json, seeds/*.json and the
     report's pictures into `out`. `summary.schedule` is None when no schedule met the tolerance
     (then no schedule file is written). Raises UserError on bad input."""
-    if cfg.n % cfg.batch or cfg.verify_n < 2 * cfg.n:
-        raise UserError(f"--n ({cfg.n}) must be a multiple of --batch ({cfg.batch}) and "
-                        f"--verify-n ({cfg.verify_n}) at least 2x --n")
     ext = get_extractor(cfg.extractor, device=device)
     vext = ext if cfg.verify_extractor == cfg.extractor else get_extractor(cfg.verify_extractor, device=device)
     ref_s = resolve_ref(ext, ref, data, out, model)
@@ -384,7 +414,8 @@ def run_trials(study, obj: Objective, seeds: dict, cfg: TuneConfig, progress=Non
     def on_trial(study, trial):
         if progress is not None:
             feas = feasible_trials(study)
-            best = f"{feas[0].value * 1e3:.1f} ms" if feas else "-"
+            unit = (lambda v: f"{v * 1e3:.1f} ms") if cfg.objective == "latency" else (lambda v: f"{v:.0f} passes")
+            best = unit(feas[0].value) if feas else "-"
             progress(len(study.trials), best, len(feas))
 
     # --trials is the study's total: a resumed (or a second) worker runs only what is missing
@@ -429,6 +460,8 @@ def export(obj: Objective, summary: StudySummary, trial, sched: Schedule, ver: d
         "speedup_vs_seeds": {k: final[k]["median_s"] / lat for k in summary.seeds},
         "latency_search_s": trial.value, "equivalent_to_sequential": sched.is_sequential(obj.T),
         "proxy": trial.user_attrs["proxy"], "batch": cfg.batch, "sampling": cfg.sampling.to_dict(),
+        "objective": cfg.objective, "objective_value": trial.value, "max_drift": cfg.max_drift,
+        "passes_per_batch": trial.user_attrs["passes"] / (cfg.n // cfg.batch),
         **summary.device,
     }
     sched = sched.with_provenance(**prov)

@@ -1,8 +1,10 @@
 """The search space: the one map between Optuna parameters and schedules.
 
 Parameter names are stable (committed studies decode with them): `tol`, and per forward block k
-`b{k}_segments`, `b{k}_init`, `b{k}_anderson` and `b{k}_iters_s{S}` (the pass budget; its range
-depends on the segment count S, hence one name per S). The search suggests through `suggest`,
+`b{k}_mode` (segments | frontier; absent = segments, as in studies made before frontier mode),
+`b{k}_init`, for segments `b{k}_segments`, `b{k}_anderson` and `b{k}_iters_s{S}` (the pass
+budget; its range depends on the segment count S, hence one name per S), for frontier
+`b{k}_window` (its pass bound is T: the tolerance decides when a block is done). The search suggests through `suggest`,
 seeds enter through `params_of`, and the report decodes trials through `schedule_from_params` /
 `plans_from_row`: nothing else knows the names.
 """
@@ -15,6 +17,7 @@ SEGMENT_CHOICES = (1, 2, 4, 8)  # plus T (sequential block); only counts <= T
 TOL_CHOICES = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 ANDERSON_CHOICES = (0, 2, 3)  # Anderson history per block (0 = plain Jacobi)
 INIT_CHOICES = ("zeros", "z")
+MODES = ("segments", "frontier")
 CSV_PREFIX = "param_"  # how trials.csv prefixes parameter columns
 
 
@@ -22,13 +25,14 @@ class SearchSpace:
     """Per-block schedules of a model with B blocks and T tokens. `profile` (tuner.profile.Profile)
     bounds the pass budgets; decoding needs no profile."""
 
-    def __init__(self, B: int, T: int, profile=None):
-        self.B, self.T, self.profile = B, T, profile
+    def __init__(self, B: int, T: int, profile=None, modes: tuple[str, ...] = MODES):
+        self.B, self.T, self.profile, self.modes = B, T, profile, tuple(modes)
         self.segment_choices = sorted({s for s in SEGMENT_CHOICES if s <= T} | {T})
+        self.window_choices = sorted({2 ** i for i in range(3, T.bit_length()) if 2 ** i < T} | {T})
 
     @classmethod
-    def for_model(cls, model, profile=None) -> "SearchSpace":
-        return cls(model.cfg.num_blocks, model.cfg.num_patches, profile)
+    def for_model(cls, model, profile=None, modes: tuple[str, ...] = MODES) -> "SearchSpace":
+        return cls(model.cfg.num_blocks, model.cfg.num_patches, profile, modes)
 
     def iters_cap(self, k: int, S: int) -> int:
         """Budget range top: what the measured curves needed to reach 1e-4 (+1), at most L."""
@@ -39,9 +43,14 @@ class SearchSpace:
     def suggest(self, trial, name: str, fingerprint=None) -> Schedule:
         params = {"tol": trial.suggest_categorical("tol", TOL_CHOICES)}
         for k in range(self.B - 1, -1, -1):
+            mode = trial.suggest_categorical(f"b{k}_mode", self.modes) if len(self.modes) > 1 else self.modes[0]
+            params[f"b{k}_mode"] = mode
+            params[f"b{k}_init"] = trial.suggest_categorical(f"b{k}_init", INIT_CHOICES)
+            if mode == "frontier":
+                params[f"b{k}_window"] = trial.suggest_categorical(f"b{k}_window", self.window_choices)
+                continue
             S = trial.suggest_categorical(f"b{k}_segments", self.segment_choices)
             params[f"b{k}_segments"] = S
-            params[f"b{k}_init"] = trial.suggest_categorical(f"b{k}_init", INIT_CHOICES)
             params[f"b{k}_anderson"] = trial.suggest_categorical(f"b{k}_anderson", ANDERSON_CHOICES)
             params[f"b{k}_iters_s{S}"] = trial.suggest_int(f"b{k}_iters_s{S}", 1, self.iters_cap(k, S))
         return self.schedule_from_params(params, name, fingerprint)
@@ -50,8 +59,12 @@ class SearchSpace:
         tol = float(params["tol"])
         plans = []
         for k in range(self.B - 1, -1, -1):
+            init = str(params[f"b{k}_init"])
+            if params.get(f"b{k}_mode", "segments") == "frontier":
+                plans.append(BlockPlan(k, 1, self.T, init, tol, mode="frontier", window=int(params[f"b{k}_window"])))
+                continue
             S = int(params[f"b{k}_segments"])
-            plans.append(BlockPlan(k, S, int(params[f"b{k}_iters_s{S}"]), str(params[f"b{k}_init"]), tol,
+            plans.append(BlockPlan(k, S, int(params[f"b{k}_iters_s{S}"]), init, tol,
                                    anderson=int(params.get(f"b{k}_anderson", 0))))
         return Schedule(plans=tuple(plans), fingerprint=fingerprint, name=name)
 
@@ -59,10 +72,17 @@ class SearchSpace:
         """A schedule as search parameters (budgets clipped to the search range)."""
         params = {"tol": min(TOL_CHOICES, key=lambda t: abs(t - sched.plans[-1].tol))}
         for p in sched.plans:
+            if p.mode not in self.modes:
+                raise ValueError(f"a {p.mode} plan is outside a search over {', '.join(self.modes)}")
+            params[f"b{p.block}_init"] = p.init
+            if len(self.modes) > 1:
+                params[f"b{p.block}_mode"] = p.mode
+            if p.mode == "frontier":
+                params[f"b{p.block}_window"] = min(self.window_choices, key=lambda w: abs(w - p.window))
+                continue
             S = p.segments if p.segments in self.segment_choices else min(
                 self.segment_choices, key=lambda s: abs(s - p.segments))
             params[f"b{p.block}_segments"] = S
-            params[f"b{p.block}_init"] = p.init
             params[f"b{p.block}_anderson"] = min(ANDERSON_CHOICES, key=lambda m: abs(m - p.anderson))
             params[f"b{p.block}_iters_s{S}"] = min(p.max_iters, self.iters_cap(p.block, S))
         return params
@@ -72,8 +92,7 @@ class SearchSpace:
         params = {k[len(CSV_PREFIX):]: v for k, v in row.items()
                   if k.startswith(CSV_PREFIX) and v == v and v is not None}  # v == v drops NaN
         try:
-            if "b0_anderson" in params:
-                params = params | {k: int(float(v)) for k, v in params.items() if k.endswith("_anderson")}
+            params = params | {k: int(float(v)) for k, v in params.items() if k.endswith(("_anderson", "_window"))}
             return [vars(p) for p in self.schedule_from_params(params).plans]
         except (KeyError, TypeError, ValueError):
             return None

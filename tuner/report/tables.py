@@ -11,6 +11,9 @@ SEED_TITLES = {"sequential": "sequential (exact reference)", "jacobi": "uniform 
 
 
 def format_plan(p: dict, T: int) -> str:
+    if p.get("mode") == "frontier":
+        tol = f", tol {p['tol']:g}" if p.get("tol") else ""
+        return f"frontier W={p['window']}, {p['init']}{tol}"
     if p["segments"] >= T:
         return "token by token"
     tol = f", tol {p['tol']:g}" if p.get("tol") else ""
