@@ -35,6 +35,7 @@ class SamplerStats:
     fallbacks: list[tuple[int, int]] = field(default_factory=list)  # (forward block, segment)
     tokens: list[int] = field(default_factory=list)  # query tokens pushed through the transformer
     modes: list[str] = field(default_factory=list)  # solver that ran each block
+    failed: list[int] = field(default_factory=list)  # samples non-finite even when solved token by token
 
     def record(self, block: int, mode: str, iters: list[int], residuals: list[float], tokens: int):
         self.blocks.append(block)
@@ -54,7 +55,7 @@ class SamplerStats:
         return sum(sum(i) for i in self.iters)
 
     def to_dict(self) -> dict:
-        return {"blocks": self.blocks, "modes": self.modes, "iters": self.iters, "residuals": self.residuals,
+        return {"blocks": self.blocks, "modes": self.modes, "failed": self.failed, "iters": self.iters, "residuals": self.residuals,
                 "fallbacks": [list(f) for f in self.fallbacks], "passes": self.passes,
                 "nfe": self.nfe}
 
@@ -315,7 +316,8 @@ def sample(model: TarFlow, noise, schedule: Schedule, *, labels=None,
     from the label policy. The model runs in its own dtype (`settings.dtype` is what loaders
     cast it to). `check_every` > 1 reads a segment's convergence flag back from the device only
     every few passes (extra passes only move closer to the fixed point); default: 1 on CPU,
-    4 on CUDA. The denoising step runs when settings.denoise_std > 0.
+    4 on CUDA. The denoising step runs when settings.denoise_std > 0. A sample that is still
+    non-finite after the token-by-token fallbacks is listed in `stats.failed` (one host read).
     """
     plans = {p.block: p for p in schedule.plans}
     T = model.cfg.num_patches
@@ -338,6 +340,7 @@ def sample(model: TarFlow, noise, schedule: Schedule, *, labels=None,
     x = model.unpatchify(x)
     if settings.denoise_std > 0:
         x = denoise(model, x, labels, settings.denoise_std)
+    stats.failed = (~torch.isfinite(x.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
     return x, stats
 
 

@@ -1,5 +1,6 @@
 """The samplers on the bundled trained model: exactness of converged GS-Jacobi, guidance, fallback."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,44 @@ def test_bfloat16_weights_keep_float32_iterates(model):
     rmse_255 = ((x - ref) ** 2).mean().sqrt().item() * 127.5
     assert 0 < rmse_255 < 3  # bf16 rounding shows, but stays a few grey levels
     assert (naive_sequential(mbf, noise, labels=labels()) - x).abs().max().item() <= 1e-5
+
+
+def _unstable(scale):
+    """The bundled model with block 3's log-scale head scaled up: exp(a) overflows where the
+    inputs are far from the solution (Jacobi's early iterates), or everywhere (scale 20)."""
+    from tarflow.checkpoint import load_checkpoint
+
+    from .conftest import BUNDLED
+
+    m = load_checkpoint(BUNDLED)
+    D = m.cfg.token_dim
+    with torch.no_grad():
+        m.blocks[3].proj_out.weight[:D] *= scale
+        m.blocks[3].proj_out.bias[:D] *= scale
+    return m
+
+
+def test_an_unstable_model_overflows_jacobi_and_the_fallback_recovers():
+    m = _unstable(10)
+    noise, y = make_noise(8, m, 0), torch.arange(8)
+    ref, st_ref = sample(m, noise, builtin_schedule("sequential", m), labels=y)
+    x, stats = sample(m, noise, builtin_schedule("jacobi:segments=1", m), labels=y)
+    assert st_ref.failed == [] and torch.isfinite(ref).all()
+    assert stats.fallbacks and stats.failed == [] and torch.isfinite(x).all()
+    assert (x - ref).abs().max().item() <= 1e-4
+
+
+def test_a_sample_non_finite_even_token_by_token_is_reported_not_written(tmp_path):
+    from tarflow.checkpoint import save_checkpoint
+
+    from .conftest import run_cli
+
+    m = _unstable(20)
+    _, stats = sample(m, make_noise(8, m, 0), builtin_schedule("jacobi:segments=1", m), labels=torch.arange(8))
+    assert stats.failed == [2]
+    save_checkpoint(m, tmp_path / "unstable.pth")
+    res = run_cli("sample", "--checkpoint", tmp_path / "unstable.pth", "--n", 8, "--schedule", "jacobi:segments=1",
+                  "--out", tmp_path / "s")
+    assert res.exit_code == 0 and "1 sample(s) non-finite" in res.output and "sampled 7 of 8" in res.output
+    out = np.load(tmp_path / "s.npz")
+    assert out["x"].shape[0] == 7 and np.isfinite(out["x"]).all() and out["failed"].tolist() == [2]

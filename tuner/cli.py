@@ -99,14 +99,21 @@ def sample(
     t0 = time.perf_counter()
     x, stats = run_sample(model, z, sched, labels=y, settings=settings)
     secs = time.perf_counter() - t0
-    payload = {"x": x.float().cpu().numpy(), "labels": (y if y is not None else torch.full((n,), -1)).numpy(),
+    keep = [i for i in range(n) if i not in set(stats.failed)]  # never write a NaN image
+    y_all = y if y is not None else torch.full((n,), -1)
+    payload = {"x": x[keep].float().cpu().numpy(), "labels": y_all[keep].numpy(),
+               "failed": np.array(stats.failed, np.int64),
                "stats": np.array(json.dumps(stats.to_dict())), "schedule": np.array(sched.to_json()),
                "sampling": np.array(json.dumps(settings.to_dict()))}
     atomic_write_bytes(out_npz, lambda f: np.savez(f, **payload))
-    save_grid(x, out_png)
+    if keep:
+        save_grid(x[keep], out_png)
+    if stats.failed:
+        typer.echo(f"warning: {len(stats.failed)} sample(s) non-finite even when solved token by token "
+                   f"(indices {stats.failed[:8]}): not written", err=True)
     fb = f", {len(stats.fallbacks)} fallback segment(s)" if stats.fallbacks else ""
-    typer.echo(f"sampled {n} images with '{sched.name}' on {dev} in {secs:.2f} s "
-               f"({stats.passes} transformer passes{fb}) -> {out_npz}, {out_png}")
+    typer.echo(f"sampled {len(keep)} of {n} images with '{sched.name}' on {dev} in {secs:.2f} s "
+               f"({stats.passes} transformer passes{fb}) -> {out_npz}" + (f", {out_png}" if keep else ""))
 
 
 schedule_app = typer.Typer(help="Inspect schedules.", no_args_is_help=True)

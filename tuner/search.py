@@ -109,6 +109,7 @@ class Objective:
         self.T, self.B = model.cfg.num_patches, model.cfg.num_blocks
         self.space = SearchSpace.for_model(model, profile, cfg.modes)
         self.baseline: Baseline | None = None
+        self.fallbacks = 0  # non-finite segments re-solved token by token in the latest run
 
     def schedule_from_params(self, params: dict, name: str) -> Schedule:
         return self.space.schedule_from_params(params, name, self.model.fingerprint)
@@ -141,18 +142,20 @@ class Objective:
     def run(self, sched: Schedule, noise, labels, x_ref=None, prune=None):
         """Sample noise in batches; the first batch is the warm-up (and the proxy check)."""
         bs = self.cfg.batch
-        xs, secs, passes, iters = [], [], 0, None
+        xs, secs, passes, iters, fallbacks = [], [], 0, None, 0
         for i in range(0, len(noise), bs):
             lab = None if labels is None else labels[i:i + bs]
             (x, st), s = timed(lambda: sample(self.model, noise[i:i + bs], sched, labels=lab,
                                                    settings=self.cfg.sampling), self.device)
             xs.append(x.float().cpu())
             passes += st.passes
+            fallbacks += len(st.fallbacks)
             iters = iters or st.iters
             if i == 0 and prune is not None and x_ref is not None:
                 prune(paired_proxy(xs[0], x_ref[:len(xs[0])]))
             if i > 0 or len(noise) <= bs:
                 secs.append(s)
+        self.fallbacks = fallbacks
         return torch.cat(xs), summarize(secs), passes, iters
 
     def prepare(self, progress=None):
@@ -194,6 +197,7 @@ class Objective:
         trial.set_user_attr("proxy", r.proxy)
         trial.set_user_attr("passes", r.passes)
         trial.set_user_attr("iters", r.iters)
+        trial.set_user_attr("fallbacks", self.fallbacks)
         trial.set_constraint("fid_gap", gap - self.cfg.tolerance)
         if self.cfg.max_drift is not None:
             trial.set_constraint("drift", r.proxy["rmse_max"] - self.cfg.max_drift)
@@ -225,7 +229,7 @@ def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame
                "proxy_rmse_mean": t.user_attrs.get("proxy", {}).get("rmse_mean"),
                "proxy_rmse_max": t.user_attrs.get("proxy", {}).get("rmse_max"),
                "warmup_rmse": t.user_attrs.get("warmup_rmse"), "passes": t.user_attrs.get("passes"),
-               "fail_reason": t.user_attrs.get("fail_reason")}
+               "fallbacks": t.user_attrs.get("fallbacks"), "fail_reason": t.user_attrs.get("fail_reason")}
         row |= {f"param_{k}": v for k, v in t.params.items()}
         rows.append(row)
     return pd.DataFrame(rows)
