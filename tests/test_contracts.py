@@ -170,7 +170,7 @@ def test_passes_objective_and_drift_limit(uncond_ckpt, tmp_path):
     assert p["objective_value"] == done[done.feasible].objective.min()
     assert "objective: serial passes" in res.output
     for args, text in ((["--max-drift", 1, "--verify-n", 64], "--verify-n >= 256"),
-                       (["--trials", 0], "--trials and --batch must be >= 1"),
+                       (["--trials", 0], "--trials, --batch and --heartbeat must be >= 1"),
                        (["--tolerance", -1], "--tolerance >= 0"), (["--objective", "speed"], "--objective must be"),
                        (["--modes", "waves"], "--modes takes")):
         one_line_error(run("tune", "--checkpoint", uncond_ckpt, "--n", 16, "--batch", 8, *args,

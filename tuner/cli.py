@@ -278,6 +278,8 @@ def tune(
     max_drift: Optional[float] = typer.Option(None, help="per-sample pixel RMSE (0-255) vs sequential allowed, "
                                               "max over samples; re-checked at verification (--verify-n >= 256)"),
     modes: str = typer.Option("segments,frontier", help="block modes the search may choose"),
+    heartbeat: int = typer.Option(60, help="seconds between trial heartbeats; a trial silent for twice "
+                                  "this (its process died) is failed and retried by the next worker or --resume"),
     seed: int = 0,
     out: Path = typer.Option(Path("runs/tune"), help="study folder"),
     overwrite: bool = typer.Option(False, help="replace an existing schedule.json in --out"),
@@ -301,7 +303,7 @@ def tune(
     cfg = TuneConfig(tolerance=tolerance, trials=trials, timeout=timeout, batch=batch, n=n,
                      verify_n=verify_n, extractor=ext, verify_extractor=vext,
                      prune_rmse=prune_rmse, seed=seed, sampling=settings, objective=objective,
-                     max_drift=max_drift, modes=parse_modes(modes))
+                     max_drift=max_drift, modes=parse_modes(modes), heartbeat=heartbeat)
     prof_dir = out / "profile"
     if resume and (prof_dir / "profile.json").is_file():
         prof = Profile.load(prof_dir)

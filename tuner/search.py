@@ -13,7 +13,10 @@ Parameter names are stable: `b{k}_segments`, `b{k}_init`, `b{k}_anderson`, `b{k}
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,12 +62,13 @@ class TuneConfig:
     objective: str = "latency"  # latency (measured here) or passes (serial transformer passes per batch)
     max_drift: float | None = None  # per-sample pixel RMSE (0-255) vs sequential, max over samples
     modes: tuple[str, ...] = ("segments", "frontier")  # block modes the search may choose
+    heartbeat: int = 60  # seconds; a trial silent for 2x this is taken as dead (see open_storage)
 
     def __post_init__(self):
         """Impossible options are refused before any work."""
-        if self.trials < 1 or self.tolerance < 0 or self.batch < 1:
-            raise UserError(f"--trials and --batch must be >= 1 and --tolerance >= 0, got {self.trials}, "
-                            f"{self.batch}, {self.tolerance:g}")
+        if self.trials < 1 or self.tolerance < 0 or self.batch < 1 or self.heartbeat < 1:
+            raise UserError(f"--trials, --batch and --heartbeat must be >= 1 and --tolerance >= 0, got "
+                            f"{self.trials}, {self.batch}, {self.heartbeat}, {self.tolerance:g}")
         if self.n % self.batch or self.verify_n < 2 * self.n:
             raise UserError(f"--n ({self.n}) must be a multiple of --batch ({self.batch}) and "
                             f"--verify-n ({self.verify_n}) at least 2x --n")
@@ -110,6 +114,7 @@ class Objective:
         self.space = SearchSpace.for_model(model, profile, cfg.modes)
         self.baseline: Baseline | None = None
         self.fallbacks = 0  # non-finite segments re-solved token by token in the latest run
+        self.trial_number = -1  # the trial being evaluated (crash points name it)
 
     def schedule_from_params(self, params: dict, name: str) -> Schedule:
         return self.space.schedule_from_params(params, name, self.model.fingerprint)
@@ -153,6 +158,7 @@ class Objective:
             iters = iters or st.iters
             if i == 0 and prune is not None and x_ref is not None:
                 prune(paired_proxy(xs[0], x_ref[:len(xs[0])]))
+                crashpoint("sampling", self.trial_number)
             if i > 0 or len(noise) <= bs:
                 secs.append(s)
         self.fallbacks = fallbacks
@@ -189,9 +195,12 @@ class Objective:
                 raise optuna.TrialPruned(f"paired proxy RMSE {proxy['rmse_mean']:.3g} > "
                                          f"{self.cfg.prune_rmse:g}")
 
+        self.trial_number = trial.number
         r = self.evaluate(sched, prune)
+        crashpoint("fid", trial.number)
         gap = r.fid - self.baseline.fid
         trial.set_user_attr("fid", r.fid)
+        crashpoint("storage", trial.number)
         trial.set_user_attr("fid_gap", gap)
         trial.set_user_attr("latency", r.latency)
         trial.set_user_attr("proxy", r.proxy)
@@ -217,8 +226,13 @@ def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t): t.number for t in study.trials}
     rows = []
     for t in study.trials:
+        stale = (f"heartbeat stopped (its process died); retried as trial {retried[t.number]}"
+                 if t.number in retried else "heartbeat stopped (its process died)")
         done = t.state == optuna.trial.TrialState.COMPLETE
         row = {"number": t.number, "state": t.state.name, "seed": t.user_attrs.get("seed", ""),
                "objective": t.value if done else None,
@@ -229,7 +243,8 @@ def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame
                "proxy_rmse_mean": t.user_attrs.get("proxy", {}).get("rmse_mean"),
                "proxy_rmse_max": t.user_attrs.get("proxy", {}).get("rmse_max"),
                "warmup_rmse": t.user_attrs.get("warmup_rmse"), "passes": t.user_attrs.get("passes"),
-               "fallbacks": t.user_attrs.get("fallbacks"), "fail_reason": t.user_attrs.get("fail_reason")}
+               "fallbacks": t.user_attrs.get("fallbacks"),
+               "fail_reason": t.user_attrs.get("fail_reason") or (stale if t.state.name == "FAIL" else None)}
         row |= {f"param_{k}": v for k, v in t.params.items()}
         rows.append(row)
     return pd.DataFrame(rows)
@@ -244,16 +259,45 @@ def study_config(cfg: TuneConfig, model, device) -> dict:
             "sampling": cfg.sampling.to_dict()}
 
 
-def make_study(storage: str, name: str, seed: int, resume: bool, config: dict) -> optuna.Study:
+def open_storage(url: str, heartbeat: int):
+    """The study storage, with a heartbeat: a trial whose process died (kill -9, pre-emption) stops
+    beating, is marked FAIL after 2 x `heartbeat` seconds by the next worker or --resume, and is
+    retried once as a fresh trial."""
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    try:
+        with warnings.catch_warnings():  # heartbeats are marked experimental in optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                              failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+                              engine_kwargs=_connect_timeout(url))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot open Optuna storage {url}: {first}") from None
+
+
+def _connect_timeout(url: str) -> dict:
+    """Fail within seconds on an unreachable database server instead of hanging."""
+    return {"connect_args": {"connect_timeout": 5}} if url.startswith("postgresql") else {}
+
+
+def crashpoint(name: str, trial: int) -> None:
+    """Die here like a pre-empted machine when TARFLOW_TUNER_CRASH_AT names this point and trial
+    (`sampling:3`, `fid:3`, `storage:3`): lets the crash-safety test choose its moment."""
+    if os.environ.get("TARFLOW_TUNER_CRASH_AT") == f"{name}:{trial}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def make_study(storage, name: str, seed: int, resume: bool, config: dict) -> optuna.Study:
     """Create the study, or reopen it with --resume after checking it was run with `config`."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, constant_liar=True)
     try:
         exists = name in optuna.study.get_all_study_names(storage)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot open Optuna storage {storage}: {first}") from None
+        raise UserError(f"cannot open Optuna storage: {first}") from None
     if exists and not resume:
-        raise UserError(f"study '{name}' already exists in {storage}: pass --resume to add trials, "
+        raise UserError(f"study '{name}' already exists in the storage: pass --resume to add trials, "
                         "or choose another --study / --out")
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
                                 sampler=sampler, load_if_exists=True)
@@ -370,7 +414,8 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     ref_s = resolve_ref(ext, ref, data, out, model)
     ref_v = ref_s if vext is ext else resolve_ref(vext, verify_ref, data, out, model)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI shows a progress bar instead
-    study = make_study(storage, study_name, cfg.seed, resume, study_config(cfg, model, device))
+    study = make_study(open_storage(storage, cfg.heartbeat), study_name, cfg.seed, resume,
+                       study_config(cfg, model, device))
     obj = Objective(model, profile, cfg, device, ref_s, ext)
 
     t_start = time.perf_counter()

@@ -1,0 +1,65 @@
+"""Crash safety: a `tune` killed with SIGKILL at a chosen point loses no completed trial, its
+dead trial is detected by heartbeat and retried, and no result file is ever half-written."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+
+from tarflow.schedule import Schedule
+from tuner.summary import StudySummary
+
+from .conftest import CALIB
+
+ARGS = ["--trials", "5", "--n", "16", "--batch", "16", "--verify-n", "32", "--tolerance", "1000",
+        "--heartbeat", "1", "--modes", "segments", "--device", "cpu"]
+
+
+def tune(out, *extra, crash_at=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TARFLOW_TUNER_CRASH_AT", None)
+    if crash_at:
+        env["TARFLOW_TUNER_CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, "-c", "from tuner.cli import app; app()", "tune", *ARGS,
+                           "--data", str(out.parent / "calib.npz"), "--out", str(out), *extra],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def trials(out):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name="tarflow-tune", storage=f"sqlite:///{out / 'study.db'}").trials
+
+
+@pytest.mark.parametrize("point", ["sampling", "fid", "storage"])
+def test_sigkill_mid_trial_then_resume_keeps_every_completed_trial(tmp_path, point):
+    d = np.load(CALIB)
+    np.savez(tmp_path / "calib.npz", x=d["x"][:16], y=d["y"][:16])
+    out = tmp_path / "study"
+    res = tune(out, crash_at=f"{point}:2")
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    before = trials(out)
+    done = {t.number: (t.params, t.value) for t in before if t.state == optuna.trial.TrialState.COMPLETE}
+    assert sorted(done) == [0, 1] and before[2].state == optuna.trial.TrialState.RUNNING
+    assert not any((out / f).exists() for f in ("schedule.json", "summary.json", "trials.csv", "report.html"))
+    assert not list(out.glob("**/.*.tmp"))  # no temporary file left behind
+    time.sleep(2.5)  # the dead trial's heartbeat is now older than its grace period
+    res = tune(out, "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    after = trials(out)
+    assert {t.number: (t.params, t.value) for t in after if t.number in done} == done
+    assert after[2].state == optuna.trial.TrialState.FAIL
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        retried = [t for t in after if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == 2]
+    assert len(retried) == 1 and retried[0].params == after[2].params
+    assert len(after) == 5
+    import pandas as pd
+
+    table = pd.read_csv(out / "trials.csv")
+    assert table.fail_reason[2] == f"heartbeat stopped (its process died); retried as trial {retried[0].number}"
+    Schedule.load(out / "schedule.json")
+    assert StudySummary.load(out / "summary.json").trials == 5
