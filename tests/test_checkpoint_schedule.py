@@ -95,7 +95,7 @@ def test_schedule_json_roundtrip(model):
     s2 = Schedule.from_json(s.to_json())
     assert s2 == s and all(p.anderson == 2 for p in s2.plans)
     assert [p.block for p in s2.plans] == list(range(model.cfg.num_blocks - 1, -1, -1))
-    assert json.loads(s.to_json())["schema_version"] == 2
+    assert json.loads(s.to_json())["schema_version"] == 3
 
 
 def test_version_1_schedule_files_still_load(model):
@@ -107,7 +107,7 @@ def test_version_1_schedule_files_still_load(model):
     s = Schedule.from_dict(d)
     assert all(p.anderson == 0 for p in s.plans)
     study = resolve_schedule(str(BUNDLED.parent / "tune" / "schedule.json"), model)
-    assert all(p.anderson == 0 for p in study.plans) and study.schema_version == 2  # upgraded on load
+    assert all(p.anderson == 0 for p in study.plans) and study.schema_version == 3  # upgraded on load
 
 
 def _doc(model, **over):

@@ -168,7 +168,7 @@ def test_passes_objective_and_drift_limit(uncond_ckpt, tmp_path):
     done = trials[trials.state == "COMPLETE"]
     assert (done.objective == done.passes / 2).all()  # passes summed over the 2 batches of 8
     assert p["objective_value"] == done[done.feasible].objective.min()
-    assert "objective: serial passes" in res.output
+    assert "serial transformer passes per batch" in res.output and "It does not hold on this device" in res.output
     for args, text in ((["--max-drift", 1, "--verify-n", 64], "--verify-n >= 256"),
                        (["--trials", 0], "--trials, --batch and --heartbeat must be >= 1"),
                        (["--tolerance", -1], "--tolerance >= 0"), (["--objective", "speed"], "--objective must be"),

@@ -269,7 +269,7 @@ def open_storage(url: str, heartbeat: int):
         with warnings.catch_warnings():  # heartbeats are marked experimental in optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                              failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+                              heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
                               engine_kwargs=_connect_timeout(url))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
