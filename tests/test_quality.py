@@ -176,6 +176,10 @@ def test_cleanfid_path_matches_direct_frechet(mnist, cnn):
     fb = cnn.features(u8(mnist["x_train"][:600]))
     via_cleanfid = fidlib.fid_from_features(fa, fb)
     assert via_cleanfid == pytest.approx(_direct_frechet(fa, fb), rel=1e-6)
+    from cleanfid.fid import frechet_distance as cleanfid_frechet
+
+    stats = (*fidlib.feature_stats(fa), *fidlib.feature_stats(fb))
+    assert via_cleanfid == pytest.approx(float(cleanfid_frechet(*stats)), rel=1e-9)  # the project's own maths
     ref = fidlib.RefStats.from_features(fb, {"extractor": cnn.id})
     assert fidlib.fid_against(u8(mnist["x_test"][:600]), ref, cnn).fid == pytest.approx(via_cleanfid, rel=1e-12)
 

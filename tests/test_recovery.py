@@ -54,7 +54,7 @@ def test_sigkill_mid_trial_then_resume_keeps_every_completed_trial(tmp_path, poi
     assert {t.number: (t.params, t.value) for t in after if t.number in done} == done
     assert after[2].state == optuna.trial.TrialState.FAIL
     with pytest.warns(optuna.exceptions.ExperimentalWarning):
-        retried = [t for t in after if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == 2]
+        retried = [t for t in after if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 2]
     assert len(retried) == 1 and retried[0].params == after[2].params
     assert len(after) == 5
     import pandas as pd

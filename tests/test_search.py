@@ -8,26 +8,23 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from tarflow.sampling import make_noise
+from tarflow.sampling import make_noise, sample_batched
 from tarflow.schedule import Schedule, resolve_schedule
 from tarflow.settings import SamplingSettings
-from tarflow.sampling import sample_batched
-from tuner.paired import paired_proxy
 from tuner.cli import app
+from tuner.paired import paired_proxy
 from tuner.search import Objective, TuneConfig
 from tuner.space import TOL_CHOICES
 
+from .conftest import TINY_STUDY_ARGS
+
 runner = CliRunner()
-ARGS = ["--trials", "6", "--n", "32", "--batch", "16", "--verify-n", "64", "--device", "cpu",
-        "--tolerance", "50", "--guidance", "1.5", "--denoise"]
+ARGS = TINY_STUDY_ARGS
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tune") / "study"
-    res = runner.invoke(app, ["tune", *ARGS, "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    return out, res.output
+def study(tiny_study):
+    return tiny_study
 
 
 def test_tune_exports_a_valid_schedule_with_provenance(study, model):

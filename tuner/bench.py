@@ -112,7 +112,7 @@ def run_bench(model, schedules: list[str], *, batch: int, device, warmup: int = 
         rows.append({"name": "sequential (reference-style)", "latency": t_naive, **seq_row})
         advance()
     with torch.no_grad():
-        x_in = x_seq.to(device)
+        x_in = x_seq.to(device, next(model.parameters()).dtype)  # the bound runs in the weights dtype
         y_in = labels
         if run.guided:  # the guided sampler does two passes per step; so does the bound
             x_in, y_in = x_in.repeat(2, 1, 1, 1), torch.cat([labels, torch.full_like(labels, -1)])

@@ -9,8 +9,8 @@
   mnist-cnn  A small MNIST classifier trained by this project (tuner/extractor_train.py);
              features are its 128-d penultimate layer (before the ReLU). Input: 1x28x28 uint8
              scaled to [0, 1], no resize. About 1000x cheaper than Inception on a CPU.
-Both run through clean-fid's `get_batch_features`; every number written anywhere carries the
-extractor's `id` and n.
+Only Inception's resize needs clean-fid (imported when Inception is loaded); every number written
+anywhere carries the extractor's `id` and n.
 """
 
 from __future__ import annotations
@@ -82,15 +82,14 @@ class Extractor:
 
     def features(self, images_uint8: np.ndarray, batch_size: int = 100,
                  progress: bool = False) -> np.ndarray:
-        """uint8 N×C×H×W images -> (N, D) float64 features (clean-fid's batch function)."""
-        from cleanfid.fid import get_batch_features
-
+        """uint8 N×C×H×W images -> (N, D) float64 features."""
         images = check_images(images_uint8)
         out = np.empty((len(images), self.dim), np.float64)
         with _progress(progress, f"features {self.name}", len(images)) as step:
             for i in range(0, len(images), batch_size):
                 batch = self.prepare(images[i:i + batch_size])
-                f = get_batch_features(batch, self.net, self.device)
+                with torch.no_grad():
+                    f = self.net(batch.to(self.device)).detach().cpu().numpy()
                 if f.ndim != 2 or f.shape[1] != self.dim:
                     raise UserError(f"extractor {self.id} returned features of shape "
                                     f"{tuple(f.shape)}, expected (B, {self.dim})")

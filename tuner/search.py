@@ -228,7 +228,7 @@ def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t): t.number for t in study.trials}
+        retried = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t): t.number for t in study.trials}
     rows = []
     for t in study.trials:
         stale = (f"heartbeat stopped (its process died); retried as trial {retried[t.number]}"
@@ -263,13 +263,13 @@ def open_storage(url: str, heartbeat: int):
     """The study storage, with a heartbeat: a trial whose process died (kill -9, pre-emption) stops
     beating, is marked FAIL after 2 x `heartbeat` seconds by the next worker or --resume, and is
     retried once as a fresh trial."""
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     try:
         with warnings.catch_warnings():  # heartbeats are marked experimental in optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                               engine_kwargs=_connect_timeout(url))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
