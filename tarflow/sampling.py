@@ -309,7 +309,7 @@ SOLVERS = {"sequential": solve_sequential, "jacobi": solve_jacobi, "frontier": s
 @torch.no_grad()
 def sample(model: TarFlow, noise, schedule: Schedule, *, labels=None,
            settings: SamplingSettings = SamplingSettings(), callback=None,
-           check_every: int | None = None):
+           check_every: int | None = None, solvers=BlockSolver):
     """Invert the flow for `noise` (N, T, D) as `schedule` says; returns (images, SamplerStats).
 
     labels: (N,) class indices (-1 = unconditional) or None; `settings.make_labels` makes them
@@ -318,6 +318,8 @@ def sample(model: TarFlow, noise, schedule: Schedule, *, labels=None,
     every few passes (extra passes only move closer to the fixed point); default: 1 on CPU,
     4 on CUDA. The denoising step runs when settings.denoise_std > 0. A sample that is still
     non-finite after the token-by-token fallbacks is listed in `stats.failed` (one host read).
+    `solvers` builds each block's transformer step from BlockSolver's arguments
+    (`tarflow.graphs.StaticSolvers()`: static buffers and CUDA graphs).
     """
     plans = {p.block: p for p in schedule.plans}
     T = model.cfg.num_patches
@@ -331,7 +333,7 @@ def sample(model: TarFlow, noise, schedule: Schedule, *, labels=None,
         labels = labels.to(x.device)
     for k in reversed(range(len(model.blocks))):
         block, plan = model.blocks[k], plans[k]
-        solver = BlockSolver(block, labels, n, settings, x.device, wdtype)
+        solver = solvers(block, labels, n, settings, x.device, wdtype)
         mode = block_mode(plan, T)
         xb = SOLVERS[mode](solver, block.permute(x), plan, stats, check_every)
         if callback:

@@ -60,7 +60,7 @@ def one_line_error(res, text):
 
 # the one tiny study every test that needs a study shares: the bundled model, guided and denoised,
 # 6 trials at n = 32 on a 32-image calibration set (a full profile takes minutes)
-TINY_STUDY_ARGS = ["--trials", "6", "--n", "32", "--batch", "16", "--verify-n", "64", "--device", "cpu",
+TINY_STUDY_ARGS = ["--trials", "6", "--n", "32", "--batch", "16", "--verify-n", "64", "--max-drift", "off", "--device", "cpu",
                    "--tolerance", "50", "--guidance", "1.5", "--denoise"]
 
 

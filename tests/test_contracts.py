@@ -146,7 +146,7 @@ def test_unconditional_model_samples_profiles_and_tunes(uncond_ckpt, tmp_path):
     assert res.exit_code == 0, res.output
     prof = json.loads((tmp_path / "p" / "profile.json").read_text())
     assert prof["meta"]["T"] == 16 and len(prof["blocks"]) == 2
-    res = run("tune", "--checkpoint", uncond_ckpt, "--trials", 3, "--n", 16, "--batch", 8, "--verify-n", 32,
+    res = run("tune", "--checkpoint", uncond_ckpt, "--trials", 3, "--n", 16, "--batch", 8, "--verify-n", 32, "--max-drift", "off",
               "--tolerance", 1000, "--device", "cpu", "--out", tmp_path / "t")
     assert res.exit_code == 0, res.output
     sched = Schedule.load(tmp_path / "t" / "schedule.json")
@@ -172,7 +172,8 @@ def test_passes_objective_and_drift_limit(uncond_ckpt, tmp_path):
     for args, text in ((["--max-drift", 1, "--verify-n", 64], "--verify-n >= 256"),
                        (["--trials", 0], "--trials, --batch and --heartbeat must be >= 1"),
                        (["--tolerance", -1], "--tolerance >= 0"), (["--objective", "speed"], "--objective must be"),
-                       (["--modes", "waves"], "--modes takes")):
+                       (["--modes", "waves"], "--modes takes"), (["--max-drift", "low"], "--max-drift takes"),
+                       (["--verify-n", 64], "--verify-n >= 256")):  # the default drift limit needs 256
         one_line_error(run("tune", "--checkpoint", uncond_ckpt, "--n", 16, "--batch", 8, *args,
                            "--out", tmp_path / "u"), text)
         assert not (tmp_path / "u").exists()  # refused before any work

@@ -16,7 +16,7 @@ from tuner.summary import StudySummary
 
 from .conftest import CALIB
 
-ARGS = ["--trials", "5", "--n", "16", "--batch", "16", "--verify-n", "32", "--tolerance", "1000",
+ARGS = ["--trials", "5", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
         "--heartbeat", "1", "--modes", "segments", "--device", "cpu"]
 
 

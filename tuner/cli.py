@@ -276,8 +276,8 @@ def tune(
     objective: Optional[str] = typer.Option(None, help="latency (measured on this device) or passes (serial "
                                             "transformer passes per batch: what a latency-bound GPU pays; "
                                             "deterministic) [default: latency on a GPU, passes on a CPU]"),
-    max_drift: Optional[float] = typer.Option(None, help="per-sample pixel RMSE (0-255) vs sequential allowed, "
-                                              "max over samples; re-checked at verification (--verify-n >= 256)"),
+    max_drift: str = typer.Option("2", help="per-sample pixel RMSE (0-255) vs sequential allowed, max over "
+                                  "samples, re-checked at verification (--verify-n >= 256); 'off' for FID only"),
     modes: str = typer.Option("segments,frontier", help="block modes the search may choose"),
     heartbeat: int = typer.Option(60, help="seconds between trial heartbeats; a trial silent for twice "
                                   "this (its process died) is failed and retried by the next worker or --resume"),
@@ -288,7 +288,6 @@ def tune(
 ):
     """Search the fastest per-block schedule within an FID tolerance; writes schedule.json."""
     from tuner.extractors import default_extractor
-    from tuner.profile import Profile, calibration_batch, run_profile
     from tuner.search import TuneConfig, tune as run_tune
 
     if (out / "schedule.json").exists() and not (resume or overwrite):
@@ -305,16 +304,8 @@ def tune(
                      verify_n=verify_n, extractor=ext, verify_extractor=vext,
                      prune_rmse=prune_rmse, seed=seed, sampling=settings,
                      objective=objective or ("latency" if dev == "cuda" else "passes"),
-                     max_drift=max_drift, modes=parse_modes(modes), heartbeat=heartbeat)
-    prof_dir = out / "profile"
-    if resume and (prof_dir / "profile.json").is_file():
-        prof = Profile.load(prof_dir)
-    else:
-        x, _ = calibration_batch(data, min(256, _count(data)), seed, model)
-        with progress_bar() as prog:
-            prof = run_profile(model, x, settings.make_labels(len(x), model, seed), settings=settings,
-                               progress=prog)
-        prof.save(prof_dir)
+                     max_drift=parse_drift(max_drift), modes=parse_modes(modes), heartbeat=heartbeat)
+    prof = tune_profile(out / "profile", resume, data, seed, model, settings)
     url = storage or f"sqlite:///{(out / 'study.db').as_posix()}"
     with progress_bar() as prog:
         task = prog.add_task("trials", total=trials)
@@ -339,11 +330,33 @@ def tune(
     typer.echo(f"report -> {html}")
 
 
+def tune_profile(prof_dir: Path, resume: bool, data: Path, seed: int, model, settings):
+    """The study's block profile: reused on --resume, else measured on the calibration data."""
+    from tuner.profile import Profile, calibration_batch, run_profile
+
+    if resume and (prof_dir / "profile.json").is_file():
+        return Profile.load(prof_dir)
+    x, _ = calibration_batch(data, min(256, _count(data)), seed, model)
+    with progress_bar() as prog:
+        prof = run_profile(model, x, settings.make_labels(len(x), model, seed), settings=settings, progress=prog)
+    prof.save(prof_dir)
+    return prof
+
+
 def _inception_note(images: int) -> None:
     from tuner.extractors import INCEPTION_CPU_S
 
     typer.echo(f"note: Inception features on this CPU cost ~{INCEPTION_CPU_S:.2f} s/image: about "
                f"{images * INCEPTION_CPU_S / 60:.0f} min for {images} images in this run", err=True)
+
+
+def parse_drift(text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--max-drift takes a number (0-255 pixel RMSE) or 'off', got {text!r}") from None
 
 
 def parse_modes(text: str) -> tuple[str, ...]:

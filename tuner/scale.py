@@ -1,229 +1,279 @@
-"""Cost of one transformer pass at AFHQ scale: what a sequential step, a Jacobi pass and a full
-forward cost on this device, measured on random weights (timing does not depend on them).
+"""GPU-study measurements the bench does not take (`python -m tuner.scale steps|graphs ...`).
 
-    python -m tuner.scale --device cuda --dtype bfloat16 --out runs/scale_bf16.json
+`steps`: what one sampler step costs on a large model, to predict schedules beyond MNIST. An
+AFHQ-shaped TarFlow (256 px, patch 8: T = 1024 tokens of D = 192; width 768, 8 blocks x 8
+layers) with random weights is built in memory; per batch size it times one sequential token
+step against a K/V cache at a few positions, one Jacobi pass per window length at a mid
+position, the one-pass bound (a full forward of one block and of the whole model), each step
+both through `MetaBlock.step` (eager) and through the static-buffer solver (`tarflow.graphs`,
+CUDA-graph replay on CUDA), and the K/V cache size. Random weights give the right costs, not
+the right convergence: passes-to-tolerance must come from trained models.
 
-Shape: the AFHQ TarFlow (256x256x3 images, patch 8: T = 1024 tokens of 192 values; width 768,
-8 blocks x 8 layers, head 64); --quick: a tiny one (32x32x3, patch 4, width 64, 2 x 2 layers).
-For each batch size, on block 0 with its K/V cache: one token step (L = 1) at a few positions,
-one Jacobi pass over windows L = 8, 16, ..., T starting at 0 and at T - L, one full forward of
-the block and of the whole model; plus the K/V cache memory. Derived: the sequential estimate
-per block ((T - 1) x the median step), the one-pass bound (the block's full forward) and the
-pass cost ratio (Jacobi pass / step) per window, with the Jacobi iterations that would break
-even with sequential on that window (L / ratio). Timing: warm-up, then the median of several
-runs, the device synchronised before each clock read, under torch.no_grad().
+`graphs`: latency of `sample` on a checkpoint with the eager solver and with the static one
+(CUDA graphs on CUDA; optionally torch.compile), schedule by schedule, and the largest pixel
+difference between the two: the project's own fast graph-captured sequential sampler, which
+the issue's ">= 3x" target compares against. Each row also gets its bare-pass time: the sum
+over the run's transformer passes of one static step of the same span length, timed alone;
+latency / bare is the sampler overhead the issue bounds by 1.5 (bare: the faster of the eager and
+the static step; on CUDA the static one is a graph replay).
+
+Both write their JSON after every measurement, so a run stopped at its time budget keeps what it
+measured.
 """
 
 from __future__ import annotations
 
-import argparse
+import collections
 import json
-import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
+import typer
 
+from tarflow.checkpoint import atomic_write_text, load_checkpoint
 from tarflow.errors import UserError
+from tarflow.graphs import StaticSolver, StaticSolvers
 from tarflow.model import TarFlow, TarFlowConfig
+from tarflow.sampling import BlockSolver, make_noise, sample, segment_bounds, state_dtype
+from tarflow.schedule import resolve_schedule
+from tarflow.settings import DTYPES, SamplingSettings
 
-from .timing import device_info, summarize, timed
+from .timing import device_info, summarize, synchronize, timed
 
-SHAPES = {
-    "afhq": dict(img_size=256, in_channels=3, patch_size=8, channels=768, num_blocks=8,
-                 layers_per_block=8, head_dim=64, num_classes=0),
-    "quick": dict(img_size=32, in_channels=3, patch_size=4, channels=64, num_blocks=2,
-                  layers_per_block=2, head_dim=32, num_classes=0),
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# (warm-up, runs): cheap ops get more runs; a full forward is the expensive one
-REPEATS = {"afhq": {"step": (3, 21), "pass": (2, 7), "forward": (1, 5)},
-           "quick": {"step": (2, 9), "pass": (1, 5), "forward": (1, 3)}}
+AFHQ = TarFlowConfig(img_size=256, in_channels=3, patch_size=8, channels=768, num_blocks=8,
+                     layers_per_block=8, head_dim=64, num_classes=0)
+QUICK = TarFlowConfig(img_size=32, in_channels=3, patch_size=4, channels=64, num_blocks=2,
+                      layers_per_block=2, head_dim=32, num_classes=0)  # T = 64: seconds on a CPU
+ROUND_S = 0.05  # aim of one timed round; calls per round are sized from a first call
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+
+
+def per_call(fn, device, rounds: int = 3) -> float:
+    """Median seconds of one call over `rounds` rounds of back-to-back calls (launch overhead
+    included, one device sync per round), after two warm-up calls."""
+    fn()
+    _, first = timed(fn, device)
+    calls = max(1, min(50, int(ROUND_S / max(first, 1e-6))))
+    times = []
+    for _ in range(rounds):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) / calls)
+    return summarize(times)["median_s"]
 
 
 def windows(T: int) -> list[int]:
-    """Jacobi window lengths 8, 16, 32, ... up to and including T."""
-    out, L = [], 8
-    while L < T:
-        out.append(L)
-        L *= 2
+    """Jacobi window lengths 8, 16, ... up to T (T itself last)."""
+    out, w = [], 8
+    while w < T:
+        out.append(w)
+        w *= 2
     return out + [T]
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype) -> TarFlow:
-    """Random-weight TarFlow built directly on the device, blocks cast to `dtype`."""
-    with torch.device(device):
-        model = TarFlow(TarFlowConfig(**SHAPES[shape]))
-    model.blocks.to(dtype=dtype)  # the blocks only: TarFlow.to would hash every weight first
-    return model.eval()
+def peak_bytes(device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None
 
 
-def measure(fn, device: str, warmup: int, runs: int) -> dict:
-    """Warm-up calls, then the median (and spread) of `runs` timed calls."""
-    for _ in range(warmup):
-        timed(fn, device)
-    return summarize([timed(fn, device)[1] for _ in range(runs)])
+def reset_peak(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
-def _cache_bytes(cache) -> int:
-    return cache.k.numel() * cache.k.element_size() * 2
-
-
-@torch.no_grad()
-def measure_batch(model: TarFlow, batch: int, device: str, dtype: torch.dtype, reps: dict) -> dict:
-    """Every timing of one batch size (block 0 for the token-level ones)."""
+def step_rows(model: TarFlow, batch: int, device, compile: bool = False):
+    """Yield one measurement row at a time for one batch size (see module docstring)."""
     cfg = model.cfg
     T, D = cfg.num_patches, cfg.token_dim
     block = model.blocks[0]
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    dtype = model.var.dtype
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, T, D, generator=g).to(device, dtype)
     cache = block.new_cache(batch, device, dtype)
+    static = StaticSolver(block, None, batch, SamplingSettings(), device, dtype, graphs=True, compile=compile)
     pos = block.permute(block.pos_embed, 0)
-    x = torch.randn(batch, T, D, device=device, dtype=dtype)
-    gen = lambda start, L: (lambda: block.step(x[:, start:start + L], start, cache, pos, None))  # noqa: E731
+    kv = 2 * cache.k.numel() * cache.k.element_size()
 
-    steps = [{"pos": p, **measure(gen(p, 1), device, *reps["step"])} for p in sorted({0, T // 2, T - 1})]
-    step_s = statistics.median(s["median_s"] for s in steps)
-    jacobi = []
-    for L in windows(T):
-        for start in sorted({0, T - L}):
-            jacobi.append({"window": L, "start": start, **measure(gen(start, L), device, *reps["pass"])})
-    block_fwd = measure(lambda: block(x), device, *reps["forward"])
-    img = torch.randn(batch, cfg.in_channels, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
-    model_fwd = measure(lambda: model(img), device, *reps["forward"])
+    xs = x.to(state_dtype(dtype))  # the static solver takes the sampler's iterates
 
-    per_block = _cache_bytes(cache)
-    ratios = []
-    for L in windows(T):
-        at = {j["start"]: j["median_s"] for j in jacobi if j["window"] == L}
-        r0 = at[0] / step_s
-        ratios.append({"window": L, "ratio_start0": r0, "ratio_end": at[T - L] / step_s,
-                       "break_even_iters": L / r0})
-    out = {"batch": batch, "step": steps, "step_median_s": step_s, "jacobi": jacobi,
-           "block_forward": block_fwd, "model_forward": model_fwd,
-           "kv_cache_bytes": {"per_block": per_block, "total": per_block * cfg.num_blocks},
-           "derived": {"sequential_per_block_s": (T - 1) * step_s,
-                       "sequential_model_s": (T - 1) * step_s * cfg.num_blocks,
-                       "one_pass_bound_s": block_fwd["median_s"],
-                       "sequential_over_one_pass": (T - 1) * step_s / block_fwd["median_s"],
-                       "pass_cost_ratio": ratios}}
-    if torch.device(device).type == "cuda":
-        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    return out
+    def row(what: str, L: int, start: int):
+        reset_peak(device)
+        eager = per_call(lambda: block.step(x[:, start:start + L], start, cache, pos, None), device)
+        fast = per_call(lambda: static.params(xs[:, start:start + L], start), device)
+        return {"batch": batch, "what": what, "tokens": L, "start": start, "eager_s": eager,
+                "static_s": fast, "peak_bytes": peak_bytes(device), "kv_cache_bytes": kv}
+
+    for start in sorted({1, T // 2, T - 2}):
+        yield row("token step", 1, start)
+    for w in windows(T):
+        yield row("jacobi pass", w, (T - w) // 2)
+    img = model.unpatchify(x)
+    for what, fn in (("block forward", lambda: block(x)), ("model forward", lambda: model(img))):
+        reset_peak(device)
+        yield {"batch": batch, "what": what, "tokens": T, "start": 0, "eager_s": per_call(fn, device),
+               "static_s": None, "peak_bytes": peak_bytes(device), "kv_cache_bytes": kv}
+
+
+def span_passes(stats, schedule, T: int) -> dict[int, int] | None:
+    """{span length: transformer passes} of one sampler run; None for a solver mode not known here."""
+    plans = {p.block: p for p in schedule.plans}
+    spans = collections.Counter()
+    for k, mode, iters in zip(stats.blocks, stats.modes, stats.iters):
+        if mode == "sequential":
+            spans[1] += sum(iters)
+        elif mode == "jacobi":  # a fallback's single-token passes count as full-span ones
+            for (s, e), used in zip(segment_bounds(T, plans[k].segments), iters):
+                spans[e - s] += used
+        else:
+            return None
+    return dict(spans)
+
+
+def bare_seconds(model: TarFlow, spans: dict[int, int], solvers: list, device) -> float:
+    """Sum over passes of one transformer step of the same span length at a mid position, timed
+    alone, by the faster of the solvers (eager and static)."""
+    T, D = model.cfg.num_patches, model.cfg.token_dim
+    x = torch.zeros(solvers[0].n, T, D, device=device, dtype=state_dtype(model.var.dtype))
+    total = 0.0
+    for L, n in spans.items():
+        start = (T - L) // 2
+        span = x[:, start:start + L]
+        total += n * min(per_call(lambda s=s: s.params(span, start), device) for s in solvers)
+    return total
+
+
+def step_table(doc: dict):
+    from rich.table import Table
+
+    table = Table(title=f"T={doc['T']}, D={doc['D']}, {doc['dtype']} on {doc['device_name']}")
+    table.caption = "L: tokens per call; x step: eager time over the eager token step at that batch"
+    for col in ("batch", "what", "L", "start", "eager ms", "static ms", "x step", "peak MiB"):
+        table.add_column(col, justify="right")
+    step = {r["batch"]: r["eager_s"] for r in doc["rows"] if r["what"] == "token step"}
+    for r in doc["rows"]:
+        ms = lambda s: "-" if s is None else f"{s * 1e3:.3f}"
+        table.add_row(str(r["batch"]), r["what"], str(r["tokens"]), str(r["start"]), ms(r["eager_s"]),
+                      ms(r["static_s"]), f"{r['eager_s'] / step[r['batch']]:.1f}",
+                      "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}")
+    return table
 
 
 def parse_batches(text: str) -> list[int]:
     try:
-        batches = [int(b) for b in text.split(",") if b.strip()]
+        out = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        batches = []
-    if not batches or min(batches) < 1:
-        raise UserError(f"--batches takes a comma list of positive integers, got {text!r}")
-    return batches
+        out = []
+    if not out or min(out) < 1:
+        raise UserError(f"--batch must be a comma list of positive integers, got {text!r}")
+    return out
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise UserError(message)
-
-    p = Parser(prog="python -m tuner.scale", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu (default: cuda when there is one)")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
-    p.add_argument("--quick", action="store_true", help="tiny model instead of the AFHQ shape")
-    p.add_argument("--batches", default="1,16,64", help="comma list of batch sizes")
-    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    args = p.parse_args(argv)
-    if args.device not in ("cuda", "cpu"):
-        raise UserError(f"--device must be cuda or cpu, got {args.device!r}")
-    if args.dtype not in DTYPES:
-        raise UserError(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
-    args.batches = parse_batches(args.batches)
-    if args.out.is_dir():
-        raise UserError(f"--out {args.out} is a folder; give a .json file")
-    if args.device == "cuda" and not torch.cuda.is_available():
+def check_device(device: str, dtype: str) -> torch.dtype:
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA device is available")
-    return args
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
-def run(device: str, dtype_name: str, quick: bool, batches: list[int], out: Path,
-        log=print, command: str | None = None) -> dict:
-    """Measure every batch size; the JSON is rewritten after each, so a timeout keeps the rest."""
-    from tarflow.checkpoint import atomic_write_text
+def write(doc: dict, out: Optional[Path]) -> None:
+    if out is not None:
+        atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
 
-    shape = "quick" if quick else "afhq"
-    dtype = DTYPES[dtype_name]
+
+@app.command()
+def steps(
+    device: str = typer.Option("cuda", help="cpu or cuda"),
+    dtype: str = typer.Option("bfloat16", help="float32, bfloat16, float16 or float64"),
+    batch: str = typer.Option("1,16,64", help="comma list of batch sizes"),
+    quick: bool = typer.Option(False, help="a small shape (T=64, width 64, 2x2 layers) that runs in seconds"),
+    compile: bool = typer.Option(False, help="torch.compile the static step"),
+    out: Optional[Path] = typer.Option(None, help="JSON written after every measurement"),
+):
+    """Step costs of an AFHQ-shaped TarFlow with random weights (see the module docstring)."""
+    from rich.console import Console
+
+    wdtype = check_device(device, dtype)
+    batches = parse_batches(batch)
+    cfg = QUICK if quick else AFHQ
     torch.manual_seed(0)
-    model = build_model(shape, device, dtype)
-    cfg = model.cfg
-    res = {**device_info(device), "dtype": dtype_name, "quick": quick,
-           "shape": {"name": shape, **cfg.to_dict(), "T": cfg.num_patches, "token_dim": cfg.token_dim,
-                     "heads": cfg.channels // cfg.head_dim,
-                     "params": sum(p.numel() for p in model.parameters())},
-           "windows": windows(cfg.num_patches), "repeats": REPEATS[shape],
-           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-           "command": command,
-           "batches": [], "complete": False}
-    for b in batches:
-        try:
-            r = measure_batch(model, b, device, dtype, REPEATS[shape])
-        except torch.cuda.OutOfMemoryError:
-            r = {"batch": b, "error": "CUDA out of memory"}
-            torch.cuda.empty_cache()
-        res["batches"].append(r)
-        atomic_write_text(out, json.dumps(res, indent=1) + "\n")
-        log(f"batch {b}: " + (r.get("error") or f"step {r['step_median_s'] * 1e3:.3f} ms, "
-                              f"full block {r['block_forward']['median_s'] * 1e3:.2f} ms"))
-    res["complete"] = True
-    atomic_write_text(out, json.dumps(res, indent=1) + "\n")
-    return res
+    model = TarFlow(cfg).to(device, wdtype).eval()
+    doc = {"config": cfg.to_dict(), "T": cfg.num_patches, "D": cfg.token_dim, "dtype": dtype,
+           "compile": compile, **device_info(device), "rows": []}
+    with torch.no_grad():
+        for b in batches:
+            for r in step_rows(model, b, device, compile):
+                doc["rows"].append(r)
+                write(doc, out)
+    Console(width=130).print(step_table(doc))
 
 
-def print_table(res: dict) -> None:
-    """A small rich table: per batch, step, passes at a few windows, forwards, ratios, memory."""
+@app.command()
+def graphs(
+    schedules: list[str] = typer.Argument(None, help="schedule files or built-in names (sequential is always timed)"),
+    checkpoint: Path = typer.Option(Path(__file__).resolve().parent.parent / "studies" / "mnist" / "model.pth"),
+    device: str = typer.Option("cuda", help="cpu or cuda"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or float64"),
+    batch: int = typer.Option(16, min=1), repeats: int = typer.Option(5, min=1), seed: int = 0,
+    compile: bool = typer.Option(False, help="also time the torch.compile'd static step"),
+    out: Optional[Path] = typer.Option(None, help="JSON written after every measurement"),
+):
+    """`sample` latency with the eager solver and the static-buffer / CUDA-graph one."""
     from rich.console import Console
     from rich.table import Table
 
-    T = res["shape"]["T"]
-    show = sorted({w for w in res["windows"] if w in (8, 64, T) or w == res["windows"][len(res["windows"]) // 2]})
-    t = Table(title=f"{res['shape']['name']} shape (T={T}) on {res['device_name']}, {res['dtype']}, "
-                    f"torch {res['torch']}; ms, median")
-    for col in ["batch", "step", *[f"pass L={w}" for w in show], "block fwd", "model fwd",
-                "seq est/block", "seq/1-pass", *[f"ratio L={w}" for w in show], "K/V MiB"]:
-        t.add_column(col, justify="right")
-    for r in res["batches"]:
-        if "error" in r:
-            t.add_row(str(r["batch"]), r["error"])
-            continue
-        at0 = {j["window"]: j["median_s"] for j in r["jacobi"] if j["start"] == 0}
-        rat = {x["window"]: x["ratio_start0"] for x in r["derived"]["pass_cost_ratio"]}
-        d = r["derived"]
-        t.add_row(str(r["batch"]), f"{r['step_median_s'] * 1e3:.3f}", *[f"{at0[w] * 1e3:.2f}" for w in show],
-                  f"{r['block_forward']['median_s'] * 1e3:.2f}", f"{r['model_forward']['median_s'] * 1e3:.1f}",
-                  f"{d['sequential_per_block_s'] * 1e3:.0f}", f"{d['sequential_over_one_pass']:.0f}x",
-                  *[f"{rat[w]:.1f}" for w in show], f"{r['kv_cache_bytes']['total'] / 2**20:.1f}")
-    t.caption = ("step: one token (L=1), median over positions; pass: one Jacobi pass over L tokens from 0; "
-                 "ratio: pass / step; seq est: (T-1) x step; K/V: cache of all blocks")
-    Console(width=None if sys.stdout.isatty() else 200).print(t)
+    wdtype = check_device(device, dtype)
+    model = load_checkpoint(checkpoint, device=device, dtype=wdtype)
+    settings = SamplingSettings(dtype=dtype)
+    noise = make_noise(batch, model, seed).to(device)
+    labels = settings.make_labels(batch, model, seed)
+    labels = None if labels is None else labels.to(device)
+    solvers = {"eager": None, "static": StaticSolvers(graphs=True)}
+    if compile:
+        solvers["compile"] = StaticSolvers(graphs=True, compile=True)
+    bare = [cls(model.blocks[0], labels, batch, settings, device, wdtype) for cls in (BlockSolver, StaticSolvers())]
+    doc = {"checkpoint": checkpoint.name, "batch": batch, "repeats": repeats, "dtype": dtype,
+           **device_info(device), "rows": []}
+    for spec in ["sequential", *(s for s in schedules or [] if s != "sequential")]:
+        sched = resolve_schedule(spec, model)
+        ref = None
+        for name, factory in solvers.items():
+            kw = {} if factory is None else {"solvers": factory}
+            run = lambda: sample(model, noise, sched, labels=labels, settings=settings, **kw)
+            x, stats = run()  # warm-up: captures the graphs / compiles
+            lat = summarize([timed(run, device)[1] for _ in range(repeats)])
+            ref = x if ref is None else ref
+            spans = span_passes(stats, sched, model.cfg.num_patches)
+            doc["rows"].append({"schedule": spec, "solver": name, "latency": lat, "passes": stats.passes,
+                                "spans": spans, "bare_s": None if spans is None else bare_seconds(model, spans, bare, device),
+                                "max_abs_diff_vs_eager": (x - ref).abs().max().item()})
+            write(doc, out)
+    base = doc["rows"][0]["latency"]["median_s"]
+    table = Table(title=f"batch {batch}, {dtype} on {doc['device_name']}: median of {repeats}")
+    table.caption = "x bare: latency / (one bare transformer step per pass, timed alone); target <= 1.5"
+    for col in ("schedule", "solver", "median ms", "x vs eager seq", "passes", "x bare", "max |diff|"):
+        table.add_column(col, justify="right")
+    for r in doc["rows"]:
+        m = r["latency"]["median_s"]
+        table.add_row(r["schedule"], r["solver"], f"{m * 1e3:.2f}", f"{base / m:.2f}", str(r["passes"]),
+                      "-" if r["bare_s"] is None else f"{m / r['bare_s']:.2f}", f"{r['max_abs_diff_vs_eager']:.2g}")
+    Console(width=130).print(table)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command line: parse, measure, write --out, print the table. Bad input: one line, exit 2."""
+def main():  # pragma: no cover - module entry point
     try:
-        args = parse_args(argv)
-        from .cli_options import ensure_writable
-
-        ensure_writable(args.out)
-        argv = sys.argv[1:] if argv is None else argv
-        res = run(args.device, args.dtype, args.quick, args.batches, args.out,
-                  command="python -m tuner.scale " + " ".join(map(str, argv)))
+        app()  # usage errors end there, with click's message and exit code 2
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    print_table(res)
-    print(f"wrote {args.out}")
-    return res
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

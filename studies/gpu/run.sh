@@ -1,152 +1,140 @@
 #!/usr/bin/env bash
-# One measurement stage on the air-gapped GPU box (see studies/gpu/README.md).
-#
-#   studies/gpu/run.sh bench|tune|scale [--device cuda|cpu] [--quick]
-#
-# Results go to ${OUT:-runs/gpu}/STAGE/ as they are made (one log per command, steps.tsv with
-# each command's exit status and seconds), then the folder is packed into ${OUT:-runs/gpu}/STAGE.tar.gz.
-# Every command runs under `timeout`; the stage stops starting commands when its budget
-# (BUDGET_S, default 540 s) is spent. For tune, missing optuna/plotly are installed from .whl/
-# (studies/gpu/wheels.sh) into /tmp/site; clean-fid is not needed (the mnist-cnn FID path does not
-# import it; Inception FID is left to the CPU machine). Exit 0 when every command did.
+# GPU figures, part 1 (studies/gpu/README.md): one stage per call on an air-gapped GPU machine.
+#   studies/gpu/run.sh bench|tune|scale [--device cuda|cpu] [--quick] [--out DIR]
+# Reaches no package registry: optuna, plotly and clean-fid come from .whl/ (studies/gpu/wheels.sh)
+# when the machine lacks them; the project runs from this checkout (its commands find studies/
+# beside their source, so it is put on PYTHONPATH rather than copied by pip). Every step runs under
+# `timeout` within the stage's budget (GPU_STAGE_BUDGET seconds, default 510), writes its results
+# as it goes, and the results folder DIR/STAGE (DIR: runs/gpu) is re-packed after each step into
+# $OUT/STAGE.tar.gz when OUT is set, else DIR/STAGE.tar.gz: a stage stopped early keeps what it measured.
 set -uo pipefail
 
-die() { echo "error: $*" >&2; exit 2; }
-
+usage() { echo "usage: $0 bench|tune|scale [--device cuda|cpu] [--quick] [--out DIR]" >&2; exit 2; }
 STAGE=${1:-}
-[ $# -gt 0 ] && shift
-case "$STAGE" in
-  bench|tune|scale) ;;
-  *) die "STAGE must be bench, tune or scale (usage: studies/gpu/run.sh STAGE [--device cuda|cpu] [--quick]), got '$STAGE'" ;;
-esac
-DEVICE=cuda
-QUICK=0
-while [ $# -gt 0 ]; do
+case "$STAGE" in bench|tune|scale) shift ;; *) usage ;; esac
+DEVICE=cuda QUICK=0
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+DIR=$REPO/runs/gpu
+while (($#)); do
   case "$1" in
-    --device) [ $# -ge 2 ] || die "--device needs a value (cuda or cpu)"; DEVICE=$2; shift 2 ;;
-    --device=*) DEVICE=${1#*=}; shift ;;
+    --device) DEVICE=${2:-}; shift 2 || usage ;;
     --quick) QUICK=1; shift ;;
-    *) die "unknown option '$1' (options: --device cuda|cpu, --quick)" ;;
+    --out) DIR=${2:-}; shift 2 || usage ;;
+    *) usage ;;
   esac
 done
-case "$DEVICE" in cuda|cpu) ;; *) die "--device must be cuda or cpu, got '$DEVICE'" ;; esac
+case "$DEVICE" in cuda|cpu) ;; *) usage ;; esac
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-ROOT=${OUT:-$REPO/runs/gpu}
-mkdir -p "$ROOT" 2>/dev/null || die "cannot create output folder $ROOT"
-ROOT=$(cd "$ROOT" && pwd)
-DEST=$ROOT/$STAGE
-if [ -e "$DEST" ] && [ -n "$(ls -A "$DEST" 2>/dev/null)" ]; then
-  die "$DEST already holds results; move it away or set OUT to another folder"
+START=$(date +%s)
+BUDGET=${GPU_STAGE_BUDGET:-510}
+RES=$DIR/$STAGE
+ARCHIVE=${OUT:-$DIR}/$STAGE.tar.gz
+rm -rf "$RES" && mkdir -p "$RES" "$(dirname "$ARCHIVE")" || exit 2
+
+# --- environment: wheels, the checkout on PYTHONPATH, a `tarflow-tuner` that logs peak GPU memory
+SITE=$(mktemp -d)
+export PYTHONPATH=$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+[[ $DEVICE == cpu ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # small CPU ops: more threads only spin
+if ! python3 -c "import optuna, plotly, cleanfid" 2>/dev/null; then
+  if ! ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+    echo "error: optuna, plotly or clean-fid is missing and .whl/ holds no wheels: run studies/gpu/wheels.sh where a registry is reachable and carry .whl" >&2
+    exit 2
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$REPO"/.whl/*.whl || exit 2
 fi
-mkdir -p "$DEST" || die "cannot create $DEST"
-cd "$REPO"
+mkdir -p "$SITE/bin"
+cat >"$SITE/bin/tarflow-tuner" <<'EOF'
+#!/usr/bin/env python3
+import atexit, os, sys
 
-PY=${PYTHON:-python3}
-BUDGET=${BUDGET_S:-540}
-START=$SECONDS
-LOG=$DEST/run.log
-FAILED=0
-export PYTHONUNBUFFERED=1
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+def peak():  # PEAK_TAG names the run in peak_memory.tsv; bench itself records no memory
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        with open(os.environ["PEAK_LOG"], "a") as f:
+            f.write(f"{os.environ.get('PEAK_TAG', '')}\t{torch.cuda.max_memory_allocated()}\t{torch.cuda.max_memory_reserved()}\n")
 
-say() { echo "$*" | tee -a "$LOG"; }
+if os.environ.get("PEAK_LOG"):
+    atexit.register(peak)
+from tuner.cli import app
+app(prog_name="tarflow-tuner")
+EOF
+chmod +x "$SITE/bin/tarflow-tuner"
+export PATH=$SITE/bin:$PATH PEAK_LOG=$RES/peak_memory.tsv
 
-# step NAME LIMIT_S CMD...: run CMD under timeout (capped by the budget left), log to NAME.log
-step() {
-  local name=$1 limit=$2
-  shift 2
-  local left=$((BUDGET - (SECONDS - START)))
-  if [ "$left" -lt 15 ]; then
-    say "skip $name: budget of ${BUDGET}s spent"
-    printf '%s\tskipped\t0\n' "$name" >> "$DEST/steps.tsv"
-    FAILED=1
-    return
+pack() { tar -czf "$ARCHIVE.part" -C "$DIR" "$STAGE" && mv -f "$ARCHIVE.part" "$ARCHIVE"; }
+
+step() {  # run one command in the time left; log it; record rc and seconds in steps.tsv; re-pack
+  local left=$((START + BUDGET - $(date +%s))) t0 rc=0
+  if ((left < 20)); then
+    printf 'skipped\t0\t%s\n' "$*" >>"$RES/steps.tsv"
+    return 0
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  local t0=$SECONDS
-  say "== $name (limit ${limit}s): $*"
-  timeout -k 10 "$limit" "$@" > "$DEST/$name.log" 2>&1
-  local rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$DEST/steps.tsv"
-  say "   rc=$rc after $((SECONDS - t0))s"
-  if [ "$rc" -ne 0 ]; then
-    FAILED=1
-    tail -n 3 "$DEST/$name.log" | sed 's/^/   | /' | tee -a "$LOG"
-  fi
+  t0=$(date +%s)
+  echo "+ $*" >>"$RES/log.txt"
+  timeout -k 5 "$left" "$@" >>"$RES/log.txt" 2>&1 || rc=$?
+  printf '%s\t%s\t%s\n' "$rc" "$(($(date +%s) - t0))" "$*" >>"$RES/steps.tsv"
+  pack
 }
 
-# --- dependencies (tune only: scale and bench need nothing beyond the box's packages) --------
-if [ "$STAGE" = tune ] && ! "$PY" -c "import optuna, plotly" 2>/dev/null; then
-  SITE=${SITE:-/tmp/site}
-  if ls .whl/*.whl > /dev/null 2>&1 \
-     && "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl >> "$LOG" 2>&1; then
-    export PYTHONPATH=$SITE:$PYTHONPATH
-    say "installed $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE"
-  else
-    die "optuna/plotly do not import and no usable wheels in .whl/ (run studies/gpu/wheels.sh where PyPI is reachable; see $LOG)"
-  fi
-fi
 {
-  echo "date: $(date -u +%FT%TZ)  host: $(hostname)  stage: $STAGE  device: $DEVICE  quick: $QUICK"
-  echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)"
-  echo "PYTHONPATH: $PYTHONPATH"
-  timeout 60 "$PY" -c "import sys, torch, numpy, scipy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__, 'scipy', scipy.__version__); print('gpu:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" 2>&1
-  [ "$STAGE" = tune ] && timeout 60 "$PY" -c "import optuna, plotly; print('optuna', optuna.__version__, 'plotly', plotly.__version__)" 2>&1
-  command -v nvidia-smi > /dev/null && timeout 30 nvidia-smi 2>&1
-  echo "load: $(cat /proc/loadavg 2>/dev/null)  cpus: $(getconf _NPROCESSORS_ONLN)"
-} > "$DEST/env.txt" 2>&1
+  echo "stage $STAGE, device $DEVICE, quick $QUICK, started $(date -u +%FT%TZ)"
+  git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "commit unknown (not a git checkout)"
+  python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
+} >"$RES/env.txt" 2>&1
+printf 'rc\tseconds\tcommand\n' >"$RES/steps.tsv"
 
-# --- stages -------------------------------------------------------------------------------
-CLI=("$PY" -c "from tuner.cli import app; app()")
-QFLAG=()
-[ "$QUICK" = 1 ] && QFLAG=(--quick)
+MODELS="mnist_p2 mnist"  # T = 196 first: the issue's targets are stated for it
 
-case "$STAGE" in
-  scale)
-    for D in float32 bfloat16; do
-      step "scale_$D" 240 "$PY" -m tuner.scale --device "$DEVICE" --dtype "$D" "${QFLAG[@]}" \
-        ${SCALE_BATCHES:+--batches "$SCALE_BATCHES"} --out "$DEST/scale_$D.json"
-    done
-    ;;
-  bench)
-    P2=(studies/mnist_p2/tune/schedule.json studies/mnist_p2/tune_b1/schedule.json
-        studies/mnist_p2/tune/seeds/sejd.json studies/mnist_p2/tune/seeds/paper.json
-        frontier:window=64,tol=1e-3)
-    # T = 49 on the patch-4 model: the frontier window is the whole sequence
-    M4=(studies/mnist/tune/schedule.json studies/mnist/tune/seeds/sejd.json
-        studies/mnist/tune/seeds/paper.json frontier:tol=1e-3)
-    BATCHES="1 16 64 256"
-    EXTRA=()
-    if [ "$QUICK" = 1 ]; then BATCHES="1 2"; EXTRA=(--repeats 1 --warmup 0); fi
-    for model in mnist_p2 mnist; do
-      if [ "$model" = mnist_p2 ]; then SCHED=("${P2[@]}"); else SCHED=("${M4[@]}"); fi
-      for B in $BATCHES; do
-        for D in float32 bfloat16; do
-          step "bench_${model}_b${B}_$D" 120 "${CLI[@]}" bench --checkpoint "studies/$model/model.pth" \
-            "${SCHED[@]}" --batch "$B" --dtype "$D" --device "$DEVICE" "${EXTRA[@]}" \
-            --out "$DEST/bench_${model}_b${B}_$D.json"
-        done
+# --- bench: every sampler the project has, both models, batch x dtype; priority order first
+bench_specs() {  # tuned schedules, the seeds (sequential aside: bench times it), frontier if built in
+  local m=$1
+  ls "$REPO"/studies/"$m"/tune*/schedule.json "$REPO"/studies/"$m"/tune/seeds/*.json | grep -v '/sequential\.json$'
+  tarflow-tuner schedule show frontier --checkpoint "$REPO/studies/$m/model.pth" >/dev/null 2>&1 && echo frontier
+}
+
+stage_bench() {
+  local batches="16 1 64 256" repeats=3 warmup=1 b m dt ck name
+  ((QUICK)) && batches="2 1" repeats=1 warmup=0
+  declare -A specs
+  for m in $MODELS; do specs[$m]=$(bench_specs "$m" | tr '\n' ' '); done
+  echo "schedules: $(declare -p specs)" >>"$RES/env.txt"
+  for b in $batches; do
+    for m in $MODELS; do
+      for dt in float32 bfloat16; do
+        ck=$REPO/studies/$m/model.pth name=${m}_${dt}_b$b
+        # shellcheck disable=SC2086 # one word per schedule
+        PEAK_TAG=$name step tarflow-tuner bench ${specs[$m]} --checkpoint "$ck" --device "$DEVICE" --dtype "$dt" \
+          --batch "$b" --repeats "$repeats" --warmup "$warmup" --out "$RES/bench_$name.json"
+        # shellcheck disable=SC2086
+        step python3 -m tuner.scale graphs $(ls "$REPO"/studies/"$m"/tune*/schedule.json) --checkpoint "$ck" \
+          --device "$DEVICE" --dtype "$dt" --batch "$b" --repeats "$repeats" --out "$RES/graphs_$name.json"
       done
     done
-    ;;
-  tune)
-    # mnist-cnn FID in the loop and at verification: Inception is not on the box (README)
-    if [ "$QUICK" = 1 ]; then
-      ARGS=(--checkpoint studies/mnist/model.pth --trials 3 --n 16 --batch 8 --verify-n 32)
-      NAME=tune_quick
-    else
-      ARGS=(--checkpoint studies/mnist_p2/model.pth --trials 20 --n 128 --batch 16 --verify-n 256)
-      NAME=tune_p2
-    fi
-    LEFT=$((BUDGET - (SECONDS - START)))
-    # the study's own timeout leaves ~2 min for the verification and export after it
-    step "$NAME" "$LEFT" "${CLI[@]}" tune "${ARGS[@]}" --objective latency \
-      --extractor mnist-cnn --verify-extractor mnist-cnn --timeout $((LEFT > 240 ? LEFT - 120 : LEFT / 2)) \
-      --device "$DEVICE" --out "$DEST/$NAME"
-    ;;
-esac
+  done
+}
 
-say "stage $STAGE done in $((SECONDS - START))s; packing $ROOT/$STAGE.tar.gz"
-tar -czf "$ROOT/$STAGE.tar.gz" -C "$ROOT" "$STAGE" || die "could not pack $ROOT/$STAGE.tar.gz"
-exit $FAILED
+# --- tune: a reduced search per model on this device, mnist-cnn features in the loop and at verification
+stage_tune() {
+  local trials=20 n=512 verify=1024 batch=16 search=150 drift=2 models=$MODELS m
+  ((QUICK)) && trials=2 n=8 verify=16 batch=2 search=30 drift=off models=mnist
+  for m in $models; do
+    PEAK_TAG=tune_$m step tarflow-tuner tune --checkpoint "$REPO/studies/$m/model.pth" --trials "$trials" \
+      --timeout "$search" --device "$DEVICE" --batch "$batch" --n "$n" --verify-n "$verify" \
+      --max-drift "$drift" --extractor mnist-cnn --verify-extractor mnist-cnn --out "$RES/tune_$m"
+  done
+}
+
+# --- scale: step costs of an AFHQ-shaped model (tuner/scale.py steps)
+stage_scale() {
+  local batches=1,16,64 quick="" dt
+  ((QUICK)) && batches=1,2 quick=--quick
+  for dt in bfloat16 float32; do
+    step python3 -m tuner.scale steps --device "$DEVICE" --dtype "$dt" --batch "$batches" $quick --out "$RES/steps_$dt.json"
+  done
+}
+
+"stage_$STAGE"
+pack
+echo "$STAGE: $(($(date +%s) - START)) s -> $ARCHIVE"
+column -t -s $'\t' "$RES/steps.tsv" 2>/dev/null || cat "$RES/steps.tsv"
