@@ -289,6 +289,7 @@ def tune(
     """Search the fastest per-block schedule within an FID tolerance; writes schedule.json."""
     from tuner.extractors import default_extractor
     from tuner.search import TuneConfig, tune as run_tune
+    from tuner.studies import open_storage
 
     if (out / "schedule.json").exists() and not (resume or overwrite):
         raise UserError(f"{out} already holds schedule.json; pass --resume, --overwrite or another --out")
@@ -305,8 +306,10 @@ def tune(
                      prune_rmse=prune_rmse, seed=seed, sampling=settings,
                      objective=objective or ("latency" if dev == "cuda" else "passes"),
                      max_drift=parse_drift(max_drift), modes=parse_modes(modes), heartbeat=heartbeat)
-    prof = tune_profile(out / "profile", resume, data, seed, model, settings)
     url = storage or f"sqlite:///{(out / 'study.db').as_posix()}"
+    if storage:  # an unreachable database fails now, not after the profile
+        open_storage(url, heartbeat)
+    prof = tune_profile(out / "profile", resume, data, seed, model, settings)
     with progress_bar() as prog:
         task = prog.add_task("trials", total=trials)
 

@@ -12,6 +12,7 @@ Parameter names are stable: `b{k}_segments`, `b{k}_init`, `b{k}_anderson`, `b{k}
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,8 +38,8 @@ from .profile import Profile
 from .space import SearchSpace
 from .summary import SeedResult, Sequential, StudySummary
 from .pictures import write_pictures
-from .studies import (RecordFailures, crashpoint, feasible_trials, is_feasible, make_study, open_storage,
-                      study_config, trials_table)
+from .studies import (STARTED, RecordFailures, TrialCap, counted_trials, crashpoint, export_once,
+                      feasible_trials, is_feasible, make_study, open_storage, study_config, trials_table)
 from .timing import device_info, summarize, timed
 
 PAPER_TOUGH_SEGMENTS, PAPER_TOUGH_ITERS, PAPER_EASY_ITERS = 8, 32, 10
@@ -290,9 +291,11 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     ref_s = resolve_ref(ext, ref, data, out, model)
     ref_v = ref_s if vext is ext else resolve_ref(vext, verify_ref, data, out, model)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI shows a progress bar instead
-    study = make_study(open_storage(storage, cfg.heartbeat), study_name, cfg.seed, resume,
-                       study_config(cfg, model, device))
     obj = Objective(model, profile, cfg, device, ref_s, ext)
+    seeds = obj.seed_schedules()
+    study = make_study(open_storage(storage, cfg.heartbeat), study_name, cfg.seed, resume,
+                       study_config(cfg, model, device),
+                       {name: obj.space.params_of(s) for name, s in seeds.items()})
 
     t_start = time.perf_counter()
     log(f"sequential baseline on {cfg.n} samples (batch {cfg.batch}) ...")
@@ -305,49 +308,52 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
         f"{len(floor['values'])} seeds)")
     if warn:
         log(f"warning: {warn}")
-    seeds = obj.seed_schedules()
-    run_trials(study, obj, seeds, cfg, progress)
-    summary = StudySummary(
-        study=study_name, checkpoint=checkpoint, model=model.fingerprint, device=device_info(device),
-        batch=cfg.batch, tolerance=cfg.tolerance,
-        config={k: v for k, v in cfg.__dict__.items() if k != "sampling"}, sampling=cfg.sampling,
-        trials=len(study.trials), feasible=len(feasible_trials(study)),
-        search_seconds=round(time.perf_counter() - t_start, 1),
-        sequential=Sequential(base.latency, base.fid, ext.id, cfg.n), noise_floor=floor,
-        tolerance_warning=warn, seeds=seed_results(study, seeds))
+    run_trials(study, obj, cfg, progress)
+
+    def result() -> dict:
+        """Verify and export the winner (run by one worker only, see export_once)."""
+        summary = StudySummary(
+            study=study_name, checkpoint=checkpoint, model=model.fingerprint, device=device_info(device),
+            batch=cfg.batch, tolerance=cfg.tolerance,
+            config={k: v for k, v in cfg.__dict__.items() if k != "sampling"}, sampling=cfg.sampling,
+            trials=len(counted_trials(study)), feasible=len(feasible_trials(study)),
+            search_seconds=round(time.perf_counter() - t_start, 1),
+            sequential=Sequential(base.latency, base.fid, ext.id, cfg.n), noise_floor=floor,
+            tolerance_warning=warn, seeds=seed_results(study, seeds))
+        cands = [(t, obj.schedule_from_params(t.params, f"tuned (trial {t.number})"))
+                 for t in feasible_trials(study)]
+        # verify the fastest few feasible candidates (sequential, if fastest, passes trivially)
+        trial, sched, ver = verify(obj, cands[:3], cfg, vext, ref_v, log) if cands else (None, None, None)
+        if sched is not None:
+            export(obj, summary, trial, sched, ver, seeds, log)
+        return json.loads(json.dumps(summary.to_dict(), default=str))  # as summary.json holds it
+
+    summary = StudySummary.from_dict(export_once(study, cfg.heartbeat, result, log), "the study's stored result")
+    sched = None if summary.schedule is None else Schedule.from_dict(summary.schedule)
     out.mkdir(parents=True, exist_ok=True)
     for name, s in seeds.items():  # the baselines compared against, as files `sample` and `bench` run
         s.save(out / "seeds" / f"{name}.json")
     atomic_write_text(out / "trials.csv", trials_table(study, ext.id, cfg.n).to_csv(index=False))
-    cands = [(t, obj.schedule_from_params(t.params, f"tuned (trial {t.number})")) for t in feasible_trials(study)]
-    # verify the fastest few feasible candidates (sequential, if fastest, passes trivially)
-    trial, sched, ver = verify(obj, cands[:3], cfg, vext, ref_v, log) if cands else (None, None, None)
     if sched is not None:
-        sched = export(obj, summary, trial, sched, ver, seeds, log)
         sched.save(out / "schedule.json")
     write_pictures(model, sched, out / "pictures", settings=cfg.sampling, seed=cfg.seed)
     summary.save(out / "summary.json")
     return summary
 
 
-def run_trials(study, obj: Objective, seeds: dict, cfg: TuneConfig, progress=None) -> None:
-    """Enqueue the seeds (once per study) and run trials until the study holds cfg.trials."""
-    if not study.trials:
-        for name, s in seeds.items():
-            study.enqueue_trial(obj.space.params_of(s), user_attrs={"seed": name})
+def run_trials(study, obj: Objective, cfg: TuneConfig, progress=None) -> None:
+    """Run trials until the study holds cfg.trials (its total over --resume and workers)."""
 
     def on_trial(study, trial):
         if progress is not None:
             feas = feasible_trials(study)
             unit = (lambda v: f"{v * 1e3:.1f} ms") if cfg.objective == "latency" else (lambda v: f"{v:.0f} passes")
             best = unit(feas[0].value) if feas else "-"
-            progress(len(study.trials), best, len(feas))
+            progress(len(counted_trials(study)), best, len(feas))
 
-    # --trials is the study's total: a resumed (or a second) worker runs only what is missing
-    started = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-    cap = optuna.study.MaxTrialsCallback(cfg.trials, states=started)
-    missing = max(0, cfg.trials - len(study.get_trials(deepcopy=False, states=started)))
-    study.optimize(RecordFailures(obj), n_trials=missing, timeout=cfg.timeout,
+    cap = optuna.study.MaxTrialsCallback(cfg.trials, states=STARTED)
+    missing = max(0, cfg.trials - len(counted_trials(study)))
+    study.optimize(TrialCap(RecordFailures(obj), cfg.trials), n_trials=missing, timeout=cfg.timeout,
                    callbacks=[on_trial, cap], catch=(Exception,))
 
 

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
+import threading
+import time
 import warnings
 
 import optuna
+from optuna.trial import TrialState
 import pandas as pd
+import sqlalchemy.exc
 import torch
 
 from tarflow.errors import UserError
@@ -68,15 +73,28 @@ def open_storage(url: str, heartbeat: int):
     retried once as a fresh trial."""
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental in optuna
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-                              engine_kwargs=_connect_timeout(url))
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot open Optuna storage {url}: {first}") from None
+    shown = re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)  # no password in messages
+    if url.startswith("postgresql://"):  # one driver, whichever SQLAlchemy would default to
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    if url.startswith("postgresql+psycopg://"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise UserError("a PostgreSQL storage needs its driver: pip install 'tarflow-tuner[postgres]'") from None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental in optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                                  engine_kwargs=_connect_timeout(url))
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            # workers started together race to create the tables: the loser retries
+            if attempt == 4:
+                raise UserError(f"cannot open Optuna storage {shown}: {_first_line(e)}") from None
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as e:
+            raise UserError(f"cannot open Optuna storage {shown}: {_first_line(e) or type(e).__name__}") from None
 
 
 def _connect_timeout(url: str) -> dict:
@@ -91,28 +109,164 @@ def crashpoint(name: str, trial: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def make_study(storage, name: str, seed: int, resume: bool, config: dict) -> optuna.Study:
-    """Create the study, or reopen it with --resume after checking it was run with `config`."""
+def make_study(storage, name: str, seed: int, resume: bool, config: dict, seeds: dict[str, dict]) -> optuna.Study:
+    """Create the study, or join/reopen it with --resume after checking it was run with `config`.
+
+    Creation is atomic in the database, so among workers started together exactly one creates
+    the study; that one stores the config and enqueues the seed schedules (`seeds`: name ->
+    params), so seeds are enqueued once per study however many workers start."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, constant_liar=True)
     try:
         exists = name in optuna.study.get_all_study_names(storage)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot open Optuna storage: {first}") from None
+        raise UserError(f"cannot open Optuna storage: {_first_line(e) or type(e).__name__}") from None
     if exists and not resume:
         raise UserError(f"study '{name}' already exists in the storage: pass --resume to add trials, "
                         "or choose another --study / --out")
-    study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
-                                sampler=sampler, load_if_exists=True)
-    stored = study.user_attrs.get("config")
-    if stored is None:
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    else:
         study.set_user_attr("config", config)
-    elif stored != config:
+        for seed_name, params in seeds.items():
+            study.enqueue_trial(params, user_attrs={"seed": seed_name})
+        return study
+    stored = _await(lambda: study.user_attrs.get("config"), 30.0)  # its creator writes it next
+    if stored is None:
+        raise UserError(f"study '{name}' holds no settings record: it was not made by `tarflow-tuner tune`")
+    if stored != config:
         diff = [f"{k} {stored.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(stored) | set(config))
                 if stored.get(k) != config.get(k)]
         raise UserError(f"study '{name}' was run with other settings ({'; '.join(diff)}): its trials "
                         "would not be comparable; resume with the same settings or start another --study")
     return study
+
+
+def _await(get, seconds: float, poll: float = 0.2):
+    """`get()` once it is not None, or None after `seconds`."""
+    end = time.monotonic() + seconds
+    while (v := get()) is None and time.monotonic() < end:
+        time.sleep(poll)
+    return v
+
+
+STARTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+
+
+def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The trials that count towards --trials: every started one except those pruned for
+    arriving past the cap."""
+    return [t for t in study.get_trials(deepcopy=False, states=STARTED) if not t.user_attrs.get("over_cap")]
+
+
+class TrialCap:
+    """--trials is the study's total. Workers decide to start a trial without a lock, so when
+    several reach the cap together each may create one more; such a trial sees `cap` counted
+    trials numbered before it and is pruned before any work, its reason recorded. The study then
+    holds exactly `cap` counted trials and at most (workers - 1) pruned extras."""
+
+    def __init__(self, objective, cap: int):
+        self.objective, self.cap = objective, cap
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        earlier = [t for t in counted_trials(trial.study) if t.number < trial.number]
+        if len(earlier) >= self.cap:
+            trial.set_user_attr("over_cap", True)
+            trial.set_user_attr("fail_reason", f"started after the study reached --trials {self.cap} "
+                                               "(workers raced); pruned before any work")
+            raise optuna.TrialPruned("over the study's trial cap")
+        return self.objective(trial)
+
+
+def export_once(study: optuna.Study, heartbeat: int, produce, log=print, poll: float = 1.0) -> dict:
+    """The study's result, computed by exactly one worker and shared by all.
+
+    Waits until no trial is running (dead ones are failed by heartbeat), then the first worker
+    to claim the finished study runs `produce()` (verification and export) and stores its result
+    in the study; every other worker waits for that stored result, so all report the same plans.
+    A claim whose worker died (no beat for 2 x heartbeat) is taken over. The result is keyed by
+    the number of finished trials, so `--resume` of a finished study reuses it and a study that
+    grows is exported again."""
+    storage, said, seen = study._storage, set(), {}
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        finished = sum(t.state.is_finished() for t in trials)
+        key = f"result@{finished}"
+        if running:
+            _say(log, said, f"waiting for {running} running trial(s) of other workers ...")
+        elif (got := study.user_attrs.get(key)) is not None:
+            return got
+        elif (claim := _claim(storage, f"{study.study_name}:{key}", heartbeat, seen)) is not None:
+            with claim:
+                if (got := study.user_attrs.get(key)) is None:  # stored while we were claiming
+                    got = produce()
+                    study.set_user_attr(key, got)
+            return got
+        else:
+            _say(log, said, "another worker is verifying and exporting the winner; waiting for it ...")
+        time.sleep(poll)
+
+
+def _say(log, said: set, line: str) -> None:
+    if line not in said:
+        said.add(line)
+        log(line)
+
+
+class _Claim:
+    """Holds a claim study (a unique name in the storage) and beats on it until released."""
+
+    def __init__(self, storage, study_id: int, heartbeat: int):
+        self.storage, self.study_id, self.heartbeat = storage, study_id, heartbeat
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _beat(self):
+        self.storage.set_study_user_attr(self.study_id, "beat", time.time())
+
+    def _run(self):
+        while not self._stop.wait(self.heartbeat):
+            self._beat()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        if exc[0] is None:
+            self.storage.delete_study(self.study_id)
+        else:  # failed: let another worker (or --resume) take over at once
+            self.storage.set_study_user_attr(self.study_id, "beat", 0.0)
+
+
+def _claim(storage, name: str, heartbeat: int, seen: dict) -> _Claim | None:
+    """Claim `name`, or None while a live worker holds it. `seen` remembers when a claim without
+    a beat was first seen (its worker may have died between creating and beating)."""
+    try:
+        sid = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], name)
+        return _Claim(storage, sid, heartbeat)
+    except optuna.exceptions.DuplicatedStudyError:
+        pass
+    try:
+        sid = storage.get_study_id_from_name(name)
+        beat = storage.get_study_user_attrs(sid).get("beat")
+    except KeyError:  # released meanwhile: claim it on the next round
+        return None
+    last = beat if beat is not None else seen.setdefault(sid, time.time())
+    if time.time() - last > 2 * heartbeat:
+        try:
+            storage.delete_study(sid)  # by id: a newer claim under the same name is left alone
+        except KeyError:
+            pass
+    return None
 
 
 class RecordFailures:

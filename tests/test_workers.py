@@ -1,0 +1,123 @@
+"""Several `tune` workers on one PostgreSQL study: the study ends with --trials trials, seeds are
+enqueued once, and one verified winner is exported that every worker reports.
+
+The server is a throwaway one from Debian's packages (initdb in a temporary folder, run by a
+non-root user, on a free loopback port). CI installs it; elsewhere the test is skipped when the
+server binaries are missing, unless TARFLOW_TUNER_REQUIRE_POSTGRES=1 makes that a failure."""
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from tarflow.schedule import Schedule
+from tuner.summary import StudySummary
+
+from .conftest import CALIB, TINY_STUDY_ARGS, one_line_error, run_cli
+
+
+def _pg_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(versions[-1]).parent if versions else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    bindir = _pg_bin()
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        bindir = None
+    if bindir is None:
+        if os.environ.get("TARFLOW_TUNER_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL server binaries or the psycopg driver are missing")
+        pytest.skip("needs Debian's postgresql package and `pip install -e .[postgres]`")
+    root = Path(tempfile.mkdtemp(prefix="tt-pg-"))
+    user = None
+    if os.geteuid() == 0:  # the server refuses to run as root
+        user = "postgres" if _has_user("postgres") else "nobody"
+        shutil.chown(root, user)
+    as_user = ["runuser", "-u", user, "--"] if user else []
+    data, port = root / "data", _free_port()
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "tuner", "--auth=trust"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "start",
+                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://tuner@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def test_three_workers_share_one_study(postgres_url, tmp_path):
+    cal = np.load(CALIB)
+    np.savez(tmp_path / "calib.npz", x=cal["x"][:32], y=cal["y"][:32])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", "from tuner.cli import app; app()", "tune", *TINY_STUDY_ARGS,
+           "--data", str(tmp_path / "calib.npz"), "--storage", postgres_url, "--study", "shared", "--resume",
+           "--heartbeat", "2"]
+    workers = [subprocess.Popen([*cmd, "--out", str(tmp_path / f"w{i}")], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(3)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], "\n".join(o[-1500:] for o in outs)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = postgres_url.replace("postgresql://", "postgresql+psycopg://")
+    study = optuna.load_study(study_name="shared", storage=storage)
+    cap = int(TINY_STUDY_ARGS[TINY_STUDY_ARGS.index("--trials") + 1])
+    extra = [t for t in study.trials if t.user_attrs.get("over_cap")]
+    counted = [t for t in study.trials if not t.user_attrs.get("over_cap")]
+    assert len(counted) == cap and all(t.state.is_finished() for t in counted)
+    assert len(extra) <= 2 and all(t.state == optuna.trial.TrialState.PRUNED for t in extra)
+    seeds = [t.user_attrs["seed"] for t in study.trials if "seed" in t.user_attrs]
+    assert sorted(seeds) == sorted(set(seeds)) and {"sequential", "paper"} <= set(seeds)
+    results = [k for k in study.user_attrs if k.startswith("result@")]
+    assert len(results) == 1  # one export, stored in the study
+    assert optuna.study.get_all_study_names(storage) == ["shared"]  # the export claim was released
+    summaries = [StudySummary.load(tmp_path / f"w{i}" / "summary.json") for i in range(3)]
+    assert summaries[0].chosen_trial is not None
+    assert all(s.to_dict() == summaries[0].to_dict() for s in summaries)
+    plans = [Schedule.load(tmp_path / f"w{i}" / "schedule.json").plans for i in range(3)]
+    assert plans[1] == plans[0] and plans[2] == plans[0]
+    assert sum("re-timing the chosen schedule" in o for o in outs) == 1  # verified and exported once
+
+
+def test_unreachable_storage_fails_fast_with_one_line():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    res = run_cli("tune", "--storage", f"postgresql://u:secret@127.0.0.1:{port}/optuna", "--trials", "1",
+                  "--device", "cpu", "--out", Path(tempfile.mkdtemp()) / "never")
+    one_line_error(res, f"cannot open Optuna storage postgresql://u:***@127.0.0.1:{port}/optuna")
+    assert "secret" not in res.output
+    assert time.monotonic() - t0 < 20
