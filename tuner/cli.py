@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -158,19 +159,27 @@ def fid(
     batch: int = typer.Option(500, min=1, help="sampling batch size"),
     device: str = "auto",
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead"),
+    workers: int = typer.Option(1, min=1, help="split the sampling over this many processes (torchrun: "
+                                "NCCL on GPUs, gloo on CPU); the FID equals one process's"),
     sampling=None, geometry=None,
 ):
     """FID (extractor id and n always shown); with a schedule, a paired proxy vs sequential."""
     import json
 
+    from tuner.distributed import init_ranks, launch
     from tuner.fid_command import fid_command, format_fid
 
     if samples is not None and not samples.exists():
         raise UserError(f"samples not found: {samples}")
+    if workers > 1 and samples is not None:
+        raise UserError("--workers splits sampling from --checkpoint; a samples file is read by one process")
+    if workers > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(launch(workers))
     ckpt = checkpoint
     if ckpt is None and (samples is None or noise_floor or tolerance is not None):
         ckpt = DEFAULT_CKPT
     dev = resolve_device(device)
+    ranks = init_ranks(dev)
     model, settings = None, None
     if ckpt is not None:
         recorded = recorded_sampling([schedule]) if samples is None else {}
@@ -179,7 +188,9 @@ def fid(
     result = fid_command(samples=samples, model=model, checkpoint=ckpt, schedule=schedule, n=n,
                          seed=seed, extractor=extractor, ref=ref, weights=extractor_weights,
                          floor=noise_floor, tolerance=tolerance, settings=settings, force=force,
-                         batch=batch, device=dev, progress=not json_out and sys.stderr.isatty())
+                         batch=batch, device=dev, progress=not json_out and sys.stderr.isatty(), ranks=ranks)
+    if result is None:  # another rank than 0 of a --workers run: rank 0 reports
+        return
     if json_out:
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
     else:

@@ -11,14 +11,15 @@ import torch
 
 from tarflow.data import load_images, to_nchw, to_uint8
 from tarflow.errors import UserError
-from tarflow.sampling import make_noise, sample_batched
+from tarflow.sampling import make_noise
 from tarflow.schedule import resolve_schedule
 from tarflow.settings import SamplingSettings
 
+from .distributed import Ranks, sample_features
 from .extractors import default_extractor, get_extractor
 from .fid import RefStats, default_ref_path, fid_against, reference_stats
 from .floor import noise_floor, tolerance_check
-from .paired import paired_proxy
+from .paired import pixel_drift, proxy_summary
 
 
 def load_samples(path) -> np.ndarray:
@@ -46,10 +47,11 @@ def fid_command(*, samples=None, model=None, checkpoint=None, schedule: str = "s
                 seed: int = 0, extractor: str | None = None, ref=None, weights=None,
                 floor: bool = False, floor_seeds=(0, 1, 2), tolerance: float | None = None,
                 settings=None, force: bool = False, batch: int = 500, device: str = "cpu",
-                progress: bool = False) -> dict:
+                progress: bool = False, ranks: Ranks = Ranks()) -> dict | None:
     """Everything `tarflow-tuner fid` reports, as one JSON-able dict (see `format_fid`).
 
-    Default extractor: mnist-cnn for 28×28 grey images, Inception otherwise."""
+    Default extractor: mnist-cnn for 28×28 grey images, Inception otherwise. Under torchrun
+    (`ranks`) sampling is split over the processes and rank 0 returns the result (others None)."""
     ext = None if extractor is None else get_extractor(extractor, device=device, weights_path=weights)
     u8 = load_samples(samples) if samples is not None else None
     if ext is None:
@@ -73,35 +75,36 @@ def fid_command(*, samples=None, model=None, checkpoint=None, schedule: str = "s
         noise = make_noise(n, model, seed)
         lab = settings.make_labels(n, model, seed)
         t0 = time.perf_counter()
-        x, _ = sample_batched(model, sched, noise, lab, settings=settings, batch=batch)
+        x, feats = sample_features(model, sched, noise, lab, settings=settings, batch=batch, extractor=ext,
+                                   ranks=ranks, progress=progress)
         out["source"] = {"checkpoint": str(checkpoint), "schedule": sched.name, "seed": seed,
-                         "sampling": settings.to_dict(),
+                         "sampling": settings.to_dict(), "processes": ranks.world,
                          "sampling_seconds": round(time.perf_counter() - t0, 2)}
-        u8 = to_uint8(x)
-        feats = ext.features(u8, progress=progress)
-        res = fid_against(u8, refstats, ext, features=feats)
+        res = fid_against(to_uint8(x), refstats, ext, features=feats) if ranks.main else None
         sched_is_seq = sched.is_sequential(model.cfg.num_patches)
         if not sched_is_seq:
             seq = resolve_schedule("sequential", model)
             t0 = time.perf_counter()
-            x_seq, _ = sample_batched(model, seq, noise, lab, settings=settings, batch=batch)
+            x_seq, f_seq = sample_features(model, seq, noise, lab, settings=settings, batch=batch,
+                                           extractor=ext, ranks=ranks, progress=progress)
             out["source"]["sequential_seconds"] = round(time.perf_counter() - t0, 2)
-            f_seq = ext.features(to_uint8(x_seq), progress=progress)
-            out["proxy"] = paired_proxy(x, x_seq, ext, features_schedule=feats,
-                                        features_sequential=f_seq)
-    out |= res.to_dict()
+            rmse, bad = (ranks.gather(a) for a in pixel_drift(x, x_seq))
+            if ranks.main:
+                out["proxy"] = proxy_summary(rmse, bad, feats, f_seq, ext.id)
     if floor or tolerance is not None:
         if model is None:
             raise UserError("the noise floor needs a model: pass --checkpoint")
         # seed `seed` of the sequential sampler was just measured: reuse it (Inception is slow)
-        known = {seed: res.fid} if sched_is_seq else {}
-        out["noise_floor"] = noise_floor(model, ref=refstats, extractor=ext, n=res.n,
+        known = {seed: res.fid if ranks.main else None} if sched_is_seq else {}  # same keys on every rank
+        out["noise_floor"] = noise_floor(model, ref=refstats, extractor=ext, n=n if samples is None else res.n,
                                          seeds=floor_seeds, settings=settings, batch=batch,
-                                         progress=progress,
-                                         known=known)
-        if tolerance is not None:
+                                         progress=progress, known=known, ranks=ranks)
+        if tolerance is not None and ranks.main:
             out["tolerance"] = tolerance
             out["tolerance_warning"] = tolerance_check(tolerance, out["noise_floor"])
+    if not ranks.main:
+        return None
+    out |= res.to_dict()
     return out
 
 

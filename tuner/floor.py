@@ -9,22 +9,24 @@ import numpy as np
 
 from tarflow.data import to_uint8
 from tarflow.errors import UserError
-from tarflow.sampling import make_noise, sample_batched
+from tarflow.sampling import make_noise
 from tarflow.schedule import resolve_schedule
 from tarflow.settings import SamplingSettings
 
+from .distributed import Ranks, sample_features
 from .extractors import get_extractor
 from .fid import RefStats, fid_against
 
 
 def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
                 settings=None, batch: int = 500, progress: bool = False,
-                known: dict | None = None) -> dict:
+                known: dict | None = None, ranks: Ranks = Ranks()) -> dict | None:
     """FID of the sequential (exact) sampler over >= 3 noise seeds at the same n.
 
     Its seed-to-seed std is how much FID moves from noise alone at this n: differences in FID
     smaller than that (see `fid_resolution`) say nothing about a schedule. `known` maps a seed
-    to a FID already measured with these exact settings, so it is not paid for twice.
+    to a FID already measured with these exact settings, so it is not paid for twice. Under
+    torchrun (`ranks`) the sampling is split and the floor returned on rank 0 only.
     """
     settings = settings or SamplingSettings()
     seeds = tuple(int(s) for s in seeds)
@@ -36,13 +38,18 @@ def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
     known = known or {}
     for s in seeds:
         if s in known:
-            values.append(float(known[s]))
+            if ranks.main:
+                values.append(float(known[s]))
             continue
         t0 = time.perf_counter()
-        x, _ = sample_batched(model, seq, make_noise(n, model, s), settings.make_labels(n, model, s),
-                              settings=settings, batch=batch)
+        x, feats = sample_features(model, seq, make_noise(n, model, s), settings.make_labels(n, model, s),
+                                   settings=settings, batch=batch, extractor=ext, ranks=ranks,
+                                   progress=progress)
         secs += time.perf_counter() - t0
-        values.append(fid_against(to_uint8(x), ref, ext, progress=progress).fid)
+        if ranks.main:
+            values.append(fid_against(to_uint8(x), ref, ext, features=feats).fid)
+    if not ranks.main:
+        return None
     std = float(np.std(values, ddof=1))
     floor = {"mean": float(np.mean(values)), "std": std, "values": values, "n": n,
              "extractor": ext.id, "seeds": list(seeds), "sampling": settings.to_dict(),

@@ -35,26 +35,39 @@ def paired_proxy(x_schedule, x_sequential, extractor=None, *, features_schedule=
     of x_schedule with NaN/inf (they are scored after replacing those values, so treat them
     as failures).
     """
-    a, b = _pixels(x_schedule), _pixels(x_sequential)
-    if a.shape != b.shape:
-        raise UserError(f"paired proxy needs outputs of one shape, got {a.shape} and {b.shape}")
-    if isinstance(x_schedule, np.ndarray) and x_schedule.dtype == np.uint8:
-        nonfinite = 0
-    else:
-        xs = torch.as_tensor(x_schedule)
-        nonfinite = int((~torch.isfinite(xs.reshape(len(xs), -1))).any(dim=1).sum())
-    rmse = np.sqrt(((a - b) ** 2).reshape(len(a), -1).mean(axis=1))
-    out = {"n": len(a), "rmse_mean": float(rmse.mean()), "rmse_max": float(rmse.max()),
-           "rmse_units": "0-255", "nonfinite": nonfinite}
+    rmse, bad = pixel_drift(x_schedule, x_sequential)
+    fa = fb = ext = None
     if extractor is not None:
         ext = get_extractor(extractor) if isinstance(extractor, str) else extractor
+        a, b = _pixels(x_schedule), _pixels(x_sequential)
         fa = features_schedule if features_schedule is not None else ext.features(
             a.round().astype(np.uint8), batch_size=batch_size)
         fb = features_sequential if features_sequential is not None else ext.features(
             b.round().astype(np.uint8), batch_size=batch_size)
-        fb = np.asarray(fb, np.float64)
-        d = np.linalg.norm(np.asarray(fa) - fb, axis=1)
+    return proxy_summary(rmse, bad, fa, fb, None if ext is None else ext.id)
+
+
+def pixel_drift(x_schedule, x_sequential) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample pixel RMSE (0-255) and non-finite flags: the per-sample half of the proxy,
+    which distributed FID computes on each rank and gathers."""
+    a, b = _pixels(x_schedule), _pixels(x_sequential)
+    if a.shape != b.shape:
+        raise UserError(f"paired proxy needs outputs of one shape, got {a.shape} and {b.shape}")
+    if isinstance(x_schedule, np.ndarray) and x_schedule.dtype == np.uint8:
+        bad = np.zeros(len(a), bool)
+    else:
+        xs = torch.as_tensor(x_schedule)
+        bad = (~torch.isfinite(xs.reshape(len(xs), -1))).any(dim=1).numpy()
+    return np.sqrt(((a - b) ** 2).reshape(len(a), -1).mean(axis=1)), bad
+
+
+def proxy_summary(rmse, bad, features_schedule=None, features_sequential=None, extractor_id=None) -> dict:
+    out = {"n": len(rmse), "rmse_mean": float(rmse.mean()), "rmse_max": float(rmse.max()),
+           "rmse_units": "0-255", "nonfinite": int(np.sum(bad))}
+    if features_schedule is not None:
+        fb = np.asarray(features_sequential, np.float64)
+        d = np.linalg.norm(np.asarray(features_schedule) - fb, axis=1)
         spread = float(np.sqrt(((fb - fb.mean(0)) ** 2).sum(1).mean()))
         out |= {"feat_mean": float(d.mean()), "feat_max": float(d.max()), "feat_spread": spread,
-                "extractor": ext.id}
+                "extractor": extractor_id}
     return out
