@@ -236,3 +236,23 @@ def test_a_folder_of_pngs_is_calibration_data_and_an_fid_reference(tmp_path):
     assert doc["ref"]["n"] == 40 and doc["ref"]["source"] == "imgs" and doc["fid"] > 0
     one_line_error(run_cli("fid-ref", "--data", tmp_path / "imgs", "--extractor", "mnist-cnn",
                            "--out", tmp_path / "ref.npz"), "already exists")
+
+
+def test_an_image_folder_with_an_unreadable_file_is_one_line_and_writes_nothing(tmp_path):
+    _png_folder(tmp_path / "data", [(32, 32), (32, 32)])
+    (tmp_path / "data" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    for args, made in ((["profile", "--data", tmp_path / "data", "--out", tmp_path / "p"], tmp_path / "p" / "profile.csv"),
+                       (["fid-ref", "--data", tmp_path / "data", "--extractor", "mnist-cnn", "--out", tmp_path / "r.npz"],
+                        tmp_path / "r.npz")):
+        one_line_error(run(*args), "cannot read image")
+        assert not made.exists()
+
+
+@pytest.mark.parametrize("cmd", [["tune", "--trials", "1"], ["profile"], ["sample", "--n", "2"],
+                                 ["fid-ref", "--data", "tests/data/mnist_sample.npz", "--extractor", "mnist-cnn"]])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, cmd):
+    (tmp_path / "file").write_text("a file, not a folder")
+    target = tmp_path / "file" / ("r.npz" if cmd[0] == "fid-ref" else "out")
+    res = run(*cmd, "--out", target)
+    assert res.exit_code == 2 and res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1, res.output
+    assert (tmp_path / "file").read_text() == "a file, not a folder"

@@ -23,7 +23,11 @@ import pytest
 from tarflow.schedule import Schedule
 from tuner.summary import StudySummary
 
-from .conftest import CALIB, TINY_STUDY_ARGS, one_line_error, run_cli
+from .conftest import CALIB, one_line_error, run_cli
+
+# small enough for 3 workers on 2 cores: the sharing, not the search, is under test
+ARGS = ["--trials", "7", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
+        "--heartbeat", "2", "--modes", "segments", "--device", "cpu", "--guidance", "1.5"]
 
 
 def _pg_bin() -> Path | None:
@@ -80,11 +84,10 @@ def _has_user(name: str) -> bool:
 
 def test_three_workers_share_one_study(postgres_url, tmp_path):
     cal = np.load(CALIB)
-    np.savez(tmp_path / "calib.npz", x=cal["x"][:32], y=cal["y"][:32])
+    np.savez(tmp_path / "calib.npz", x=cal["x"][:16], y=cal["y"][:16])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-c", "from tuner.cli import app; app()", "tune", *TINY_STUDY_ARGS,
-           "--data", str(tmp_path / "calib.npz"), "--storage", postgres_url, "--study", "shared", "--resume",
-           "--heartbeat", "2"]
+    cmd = [sys.executable, "-c", "from tuner.cli import app; app()", "tune", *ARGS,
+           "--data", str(tmp_path / "calib.npz"), "--storage", postgres_url, "--study", "shared", "--resume"]
     workers = [subprocess.Popen([*cmd, "--out", str(tmp_path / f"w{i}")], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for i in range(3)]
     outs = [w.communicate(timeout=600)[0] for w in workers]
@@ -93,7 +96,7 @@ def test_three_workers_share_one_study(postgres_url, tmp_path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = postgres_url.replace("postgresql://", "postgresql+psycopg://")
     study = optuna.load_study(study_name="shared", storage=storage)
-    cap = int(TINY_STUDY_ARGS[TINY_STUDY_ARGS.index("--trials") + 1])
+    cap = int(ARGS[ARGS.index("--trials") + 1])
     extra = [t for t in study.trials if t.user_attrs.get("over_cap")]
     counted = [t for t in study.trials if not t.user_attrs.get("over_cap")]
     assert len(counted) == cap and all(t.state.is_finished() for t in counted)
