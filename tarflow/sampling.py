@@ -36,6 +36,7 @@ class SamplerStats:
     tokens: list[int] = field(default_factory=list)  # query tokens pushed through the transformer
     modes: list[str] = field(default_factory=list)  # solver that ran each block
     failed: list[int] = field(default_factory=list)  # samples non-finite even when solved token by token
+    calls: list[dict[int, int]] = field(default_factory=list)  # per block: pass width (tokens) -> passes
 
     def record(self, block: int, mode: str, iters: list[int], residuals: list[float], tokens: int):
         self.blocks.append(block)
@@ -57,7 +58,7 @@ class SamplerStats:
     def to_dict(self) -> dict:
         return {"blocks": self.blocks, "modes": self.modes, "failed": self.failed, "iters": self.iters, "residuals": self.residuals,
                 "fallbacks": [list(f) for f in self.fallbacks], "passes": self.passes,
-                "nfe": self.nfe}
+                "nfe": self.nfe, "calls": [{str(w): n for w, n in c.items()} for c in self.calls]}
 
 
 def make_noise(n: int, model: TarFlow, seed: int) -> torch.Tensor:
@@ -119,6 +120,19 @@ class BlockSolver:
             (ac, au), (bc, bu) = a.chunk(2), b.chunk(2)
             a, b = ac + w * (ac - au), bc + w * (bc - bu)
         return a, b
+
+
+class CountedSolver:
+    """Counts a solver's passes by width: what a device cost model (tuner.device_profile) prices.
+    Widths are Python ints, so counting costs no device sync."""
+
+    def __init__(self, solver):
+        self.solver, self.calls = solver, {}
+
+    def params(self, x_span, start: int):
+        L = x_span.shape[1]
+        self.calls[L] = self.calls.get(L, 0) + 1
+        return self.solver.params(x_span, start)
 
 
 def affine_inverse(z, a, b):
@@ -333,9 +347,10 @@ def sample(model: TarFlow, noise, schedule: Schedule, *, labels=None,
         labels = labels.to(x.device)
     for k in reversed(range(len(model.blocks))):
         block, plan = model.blocks[k], plans[k]
-        solver = solvers(block, labels, n, settings, x.device, wdtype)
+        solver = CountedSolver(solvers(block, labels, n, settings, x.device, wdtype))
         mode = block_mode(plan, T)
         xb = SOLVERS[mode](solver, block.permute(x), plan, stats, check_every)
+        stats.calls.append(solver.calls)
         if callback:
             callback({"block": k, "mode": mode, "x": xb})
         x = block.permute(xb)

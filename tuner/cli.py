@@ -11,7 +11,8 @@ import typer
 
 from tarflow.errors import UserError
 
-from .cli_options import (check_agreement, ensure_writable, geometry_options, load_model, model_command, progress_bar,
+from .cli_options import (check_agreement, ensure_writable, geometry_options, load_model, model_command, parse_drift,
+                          parse_modes, progress_bar,
                           recorded_sampling, refuse_overwrite, resolve_device, settings_for, user_errors)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -284,7 +285,8 @@ def tune(
     study: str = typer.Option("tarflow-tune", help="study name inside the storage"),
     resume: bool = typer.Option(False, help="add trials to an existing study"),
     prune_rmse: float = typer.Option(12.0, help="prune when warm-up pixel RMSE (0-255) exceeds this"),
-    objective: Optional[str] = typer.Option(None, help="latency (measured on this device) or passes (serial "
+    objective: Optional[str] = typer.Option(None, help="latency (measured on this device), cost:DEVICE.json "
+                                            "(modelled on another device, see device-profile) or passes (serial "
                                             "transformer passes per batch: what a latency-bound GPU pays; "
                                             "deterministic) [default: latency on a GPU, passes on a CPU]"),
     max_drift: str = typer.Option("2", help="per-sample pixel RMSE (0-255) vs sequential allowed, max over "
@@ -317,6 +319,8 @@ def tune(
                      prune_rmse=prune_rmse, seed=seed, sampling=settings,
                      objective=objective or ("latency" if dev == "cuda" else "passes"),
                      max_drift=parse_drift(max_drift), modes=parse_modes(modes), heartbeat=heartbeat)
+    if cfg.cost_model is not None:  # a profile of another workload fails now, not after the profile
+        cfg.cost_model.check_fits(model, cfg.batch, cfg.sampling)
     url = storage or f"sqlite:///{(out / 'study.db').as_posix()}"
     if storage:  # an unreachable database fails now, not after the profile
         open_storage(url, heartbeat)
@@ -339,6 +343,8 @@ def tune(
         typer.echo(f"no schedule met FID tolerance {tolerance:g} "
                    f"({summary.trials} trials); nothing exported (see {out}/trials.csv)", err=True)
         raise typer.Exit(1)
+    from tuner.verdict import tune_lines
+
     for line in tune_lines(summary, out):
         typer.echo(line)
     typer.echo(f"report -> {html}")
@@ -364,57 +370,6 @@ def _inception_note(images: int) -> None:
                f"{images * INCEPTION_CPU_S / 60:.0f} min for {images} images in this run", err=True)
 
 
-def parse_drift(text: str) -> float | None:
-    if text.strip().lower() == "off":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise UserError(f"--max-drift takes a number (0-255 pixel RMSE) or 'off', got {text!r}") from None
-
-
-def parse_modes(text: str) -> tuple[str, ...]:
-    from tuner.space import MODES
-
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    if not modes or any(m not in MODES for m in modes):
-        raise UserError(f"--modes takes a comma list of {', '.join(MODES)}, got {text!r}")
-    return modes
-
-
-def tune_lines(summary, out: Path) -> list[str]:
-    """What a finished tune says: the winner, what each figure means, and where it holds."""
-    p = summary.schedule["provenance"]
-    fs, fv = p["fid_search"], p["fid_verify"]
-    dev, B, blocks = p["device_class"], summary.batch, summary.model["arch"]["num_blocks"]
-    fid = (f"FID gap {fv['gap']:+.3g} ({fv['extractor']}, n={fv['n']}; tolerance {summary.tolerance:g}, "
-           f"noise floor ± {fs['noise_floor_std']:.3g} at n={fs['n']})")
-    latency = (f"{p['latency_s'] * 1e3:.1f} ms per batch of {B} on {dev} = {p['speedup_vs_sequential']:.2f}x "
-               "sequential (re-timed here, interleaved)")
-    if p.get("objective") == "passes":
-        seq = blocks * (_T(summary) - 1)
-        lines = [f"tuned schedule -> {out}/schedule.json: {p['passes_per_batch']:.0f} serial transformer passes "
-                 f"per batch of {B} vs {seq} sequential ({seq / p['passes_per_batch']:.1f}x fewer; the one-pass "
-                 f"lower bound is {blocks}); {fid}",
-                 "what it means: where a pass costs about the same whatever it processes (a GPU at small batch) "
-                 "latency falls about as passes do. It does not hold on this device: "
-                 f"{latency}, because it pays for all the tokens each pass processes. Re-time it where it runs: "
-                 "tarflow-tuner bench"]
-    else:
-        lines = [f"tuned schedule -> {out}/schedule.json: {latency}; {fid}"]
-    lines.append("speed-up vs seeds (re-timed here): "
-                 + ", ".join(f"{k} {v:.2f}x" for k, v in p["speedup_vs_seeds"].items()))
-    if p["equivalent_to_sequential"]:
-        lines.append(f"note: every block of the winner is token-by-token: on {dev} at batch {B} nothing beat "
-                     "the sequential sampler; any speed-up above is timing noise")
-    return lines
-
-
-def _T(summary) -> int:
-    a = summary.model["arch"]
-    return (a["img_size"] // a["patch_size"]) ** 2
-
-
 def _portable(path: Path) -> str:
     """A path as it can be written into committed files: relative to the repo or cwd if possible."""
     p = path.resolve()
@@ -422,6 +377,37 @@ def _portable(path: Path) -> str:
         if p.is_relative_to(base):
             return p.relative_to(base).as_posix()
     return path.name
+
+
+@model_command(app)
+def device_profile(
+    checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
+    batch: int = typer.Option(16, min=1, help="the sampling batch the profile is for"),
+    repeats: int = typer.Option(5, min=1, help="timed runs per pass width and position"),
+    device: str = "auto",
+    out: Path = typer.Option(..., help="device profile JSON to write (an existing file is never replaced)"),
+    sampling=None, geometry=None,
+):
+    """Time one transformer pass per width and block on this device: `tune --objective cost:FILE`
+    then searches a schedule for this device from any machine."""
+    from tuner.device_profile import measure, pass_widths
+
+    if out.exists():
+        raise UserError(f"{out} already exists: choose another --out or delete it")
+    ensure_writable(out)
+    dev = resolve_device(device)
+    model = load_model(checkpoint, geometry, dev, sampling.dtype_for(None))
+    settings = settings_for(sampling, model)
+    with progress_bar() as prog:
+        task = prog.add_task("pass widths", total=model.cfg.num_blocks * len(pass_widths(model.cfg.num_patches)))
+        prof = measure(model, batch=batch, settings=settings, device=dev, repeats=repeats,
+                       progress=lambda: prog.advance(task))
+    prof.save(out)
+    T = model.cfg.num_patches
+    for k in range(model.cfg.num_blocks):
+        typer.echo(f"block {k}: one pass {prof.pass_seconds(k, 1) * 1e3:.3g} ms (1 token) .. "
+                   f"{prof.pass_seconds(k, T - 1) * 1e3:.3g} ms ({T - 1} tokens)")
+    typer.echo(f"device profile ({prof.device['device_name']}, batch {batch}) -> {out}")
 
 
 @model_command(app)

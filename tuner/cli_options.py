@@ -186,3 +186,21 @@ def refuse_overwrite(path: Path, files: tuple[str, ...], overwrite: bool) -> Non
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} exists and is not a folder")
     ensure_writable(path / files[0])
+
+
+def parse_drift(text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--max-drift takes a number (0-255 pixel RMSE) or 'off', got {text!r}") from None
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    from tuner.space import MODES
+
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        raise UserError(f"--modes takes a comma list of {', '.join(MODES)}, got {text!r}")
+    return modes

@@ -30,6 +30,7 @@ from tarflow.sampling import make_noise, sample
 from tarflow.schedule import BlockPlan, Schedule, builtin_schedule
 from tarflow.settings import SamplingSettings
 
+from .device_profile import DeviceProfile
 from .extractors import get_extractor
 from .fid import RefStats, default_ref_path, fid_against, reference_stats
 from .floor import noise_floor, tolerance_check
@@ -58,7 +59,7 @@ class TuneConfig:
     extractor: str = "mnist-cnn"
     verify_extractor: str = "mnist-cnn"
     prune_rmse: float = 12.0  # pixel RMSE (0-255) on the warm-up batch above which a trial is pruned
-    objective: str = "latency"  # latency (measured here) or passes (serial transformer passes per batch)
+    objective: str = "latency"  # latency (measured here), passes (serial passes per batch) or cost:DEVICE.json
     max_drift: float | None = None  # per-sample pixel RMSE (0-255) vs sequential, max over samples
     modes: tuple[str, ...] = ("segments", "frontier")  # block modes the search may choose
     heartbeat: int = 60  # seconds; a trial silent for 2x this is taken as dead (see open_storage)
@@ -74,8 +75,16 @@ class TuneConfig:
         if self.max_drift is not None and (self.max_drift < 0 or self.verify_n < MIN_DRIFT_VERIFY_N):
             raise UserError(f"--max-drift must be >= 0 and is re-checked on fresh noise with --verify-n >= "
                             f"{MIN_DRIFT_VERIFY_N} (got {self.max_drift:g}, {self.verify_n})")
-        if self.objective not in OBJECTIVES:
-            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective not in OBJECTIVES and not self.objective.startswith("cost:"):
+            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)} or cost:DEVICE.json, "
+                            f"got {self.objective!r}")
+        if self.objective.startswith("cost:"):
+            DeviceProfile.load(self.objective[len("cost:"):])  # a bad file fails before any work
+
+    @property
+    def cost_model(self) -> "DeviceProfile | None":
+        """The device profile a cost:FILE objective prices passes with."""
+        return DeviceProfile.load(self.objective[len("cost:"):]) if self.objective.startswith("cost:") else None
     seed: int = 0
     sampling: SamplingSettings = SamplingSettings()  # what is sampled: every run of the search uses it
     floor_seeds: tuple[int, ...] = (101, 102, 103)
@@ -113,6 +122,10 @@ class Objective:
         self.space = SearchSpace.for_model(model, profile, cfg.modes)
         self.baseline: Baseline | None = None
         self.fallbacks = 0  # non-finite segments re-solved token by token in the latest run
+        self.cost = cfg.cost_model  # prices each pass on the modelled device (cost:FILE objective)
+        if self.cost is not None:
+            self.cost.check_fits(model, cfg.batch, cfg.sampling)
+        self.modelled_s = None  # the latest run's modelled seconds per batch on that device
         self.trial_number = -1  # the trial being evaluated (crash points name it)
 
     def schedule_from_params(self, params: dict, name: str) -> Schedule:
@@ -146,7 +159,7 @@ class Objective:
     def run(self, sched: Schedule, noise, labels, x_ref=None, prune=None):
         """Sample noise in batches; the first batch is the warm-up (and the proxy check)."""
         bs = self.cfg.batch
-        xs, secs, passes, iters, fallbacks = [], [], 0, None, 0
+        xs, secs, passes, iters, fallbacks, modelled = [], [], 0, None, 0, 0.0
         for i in range(0, len(noise), bs):
             lab = None if labels is None else labels[i:i + bs]
             (x, st), s = timed(lambda: sample(self.model, noise[i:i + bs], sched, labels=lab,
@@ -154,6 +167,8 @@ class Objective:
             xs.append(x.float().cpu())
             passes += st.passes
             fallbacks += len(st.fallbacks)
+            if self.cost is not None:
+                modelled += self.cost.cost(st.calls, st.blocks)
             iters = iters or st.iters
             if i == 0 and prune is not None and x_ref is not None:
                 prune(paired_proxy(xs[0], x_ref[:len(xs[0])]))
@@ -161,6 +176,7 @@ class Objective:
             if i > 0 or len(noise) <= bs:
                 secs.append(s)
         self.fallbacks = fallbacks
+        self.modelled_s = modelled / -(-len(noise) // bs) if self.cost is not None else None
         return torch.cat(xs), summarize(secs), passes, iters
 
     def prepare(self, progress=None):
@@ -211,6 +227,9 @@ class Objective:
             trial.set_constraint("drift", r.proxy["rmse_max"] - self.cfg.max_drift)
         if self.cfg.objective == "passes":
             return r.passes / (len(self.baseline.noise) // self.cfg.batch)
+        if self.cost is not None:
+            trial.set_user_attr("modelled_s", self.modelled_s)
+            return self.modelled_s
         return r.latency["median_s"]
 
 
@@ -392,6 +411,8 @@ def export(obj: Objective, summary: StudySummary, trial, sched: Schedule, ver: d
         "latency_search_s": trial.value, "equivalent_to_sequential": sched.is_sequential(obj.T),
         "proxy": trial.user_attrs["proxy"], "batch": cfg.batch, "sampling": cfg.sampling.to_dict(),
         "objective": cfg.objective, "objective_value": trial.value, "max_drift": cfg.max_drift,
+        "objective_device": (obj.cost.device["device_name"] if obj.cost is not None else
+                             summary.device["device_name"] if cfg.objective == "latency" else None),
         "passes_per_batch": trial.user_attrs["passes"] / (cfg.n // cfg.batch),
         **summary.device,
     }
