@@ -36,7 +36,7 @@ def test_tune_exports_a_valid_schedule_with_provenance(study, model):
     assert p["fid_verify"]["n"] == 64 and p["fid_verify"]["gap"] <= 50
     assert p["speedup_vs_sequential"] == pytest.approx(p["sequential_latency_s"] / p["latency_s"])
     seeds = p["speedup_vs_seeds"]  # the seeds that completed (pruned ones have no latency)
-    assert set(seeds) <= {"sequential", "paper", "sejd", "jacobi", "frontier"}
+    assert set(seeds) <= {"sequential", "paper", "sejd", "jacobi", "jacobi1", "frontier"}
     assert seeds["sequential"] == pytest.approx(p["speedup_vs_sequential"])
     assert "speed-up" in output and "x sequential" in output
     trials = pd.read_csv(out / "trials.csv")
@@ -44,7 +44,7 @@ def test_tune_exports_a_valid_schedule_with_provenance(study, model):
     assert {"latency_s", "fid", "fid_gap", "extractor", "n", "state", "feasible"} <= set(trials.columns)
     assert set(trials.seed.dropna()) >= {"sequential", "paper", "sejd", "jacobi"}
     assert (out / "profile" / "profile.csv").is_file()
-    for name in ("sequential", "paper", "sejd", "jacobi", "frontier"):  # baselines as runnable files
+    for name in ("sequential", "paper", "sejd", "jacobi", "jacobi1", "frontier"):  # baselines as runnable files
         assert resolve_schedule(str(out / "seeds" / f"{name}.json"), model).name == name
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from .html import _seed_name, _truthy, completed, esc, fid_tag, ms, note, num, table, trial_state
 from .study import StudyFolder
 
-SEED_ORDER = ("sequential", "jacobi", "paper", "sejd")
+SEED_ORDER = ("sequential", "jacobi", "jacobi1", "paper", "sejd")
 SEED_TITLES = {"sequential": "sequential (exact reference)", "jacobi": "uniform Jacobi",
+               "jacobi1": "one-segment Jacobi",
                "paper": "paper heuristic (CRM/IGM)", "sejd": "SeJD rule"}
 
 
