@@ -124,3 +124,16 @@ def test_unreachable_storage_fails_fast_with_one_line():
     one_line_error(res, f"cannot open Optuna storage postgresql://u:***@127.0.0.1:{port}/optuna")
     assert "secret" not in res.output
     assert time.monotonic() - t0 < 20
+
+
+def test_resuming_a_finished_study_reuses_its_stored_result(tiny_study, tmp_path):
+    from .conftest import TINY_STUDY_ARGS
+
+    out, _ = tiny_study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    res = run_cli("tune", *TINY_STUDY_ARGS, "--data", out.parent / "calib.npz", "--out", copy, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "re-timing" not in res.output and "verify trial" not in res.output  # exported once, reused
+    assert Schedule.load(copy / "schedule.json").to_dict() == Schedule.load(out / "schedule.json").to_dict()
+    assert StudySummary.load(copy / "summary.json").to_dict() == StudySummary.load(out / "summary.json").to_dict()

@@ -55,6 +55,12 @@ class SearchSpace:
             params[f"b{k}_iters_s{S}"] = trial.suggest_int(f"b{k}_iters_s{S}", 1, self.iters_cap(k, S))
         return self.schedule_from_params(params, name, fingerprint)
 
+    @staticmethod
+    def loosened(params: dict, steps: int = 2) -> list[dict]:
+        """The same schedule stopped sooner: the tolerance 1..`steps` choices looser, nearest first."""
+        i = TOL_CHOICES.index(float(params["tol"]))
+        return [params | {"tol": t} for t in TOL_CHOICES[i + 1:i + 1 + steps]]
+
     def schedule_from_params(self, params: dict, name: str = "trial", fingerprint=None) -> Schedule:
         tol = float(params["tol"])
         plans = []

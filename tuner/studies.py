@@ -43,6 +43,7 @@ def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame
                  if t.number in retried else "heartbeat stopped (its process died)")
         done = t.state == optuna.trial.TrialState.COMPLETE
         row = {"number": t.number, "state": t.state.name, "seed": t.user_attrs.get("seed", ""),
+               "refined_from": t.user_attrs.get("refined_from"),
                "objective": t.value if done else None,
                "latency_s": t.user_attrs.get("latency", {}).get("median_s") if done else None,
                "fid": t.user_attrs.get("fid"), "fid_gap": t.user_attrs.get("fid_gap"),

@@ -91,10 +91,25 @@ def convergence_figure(st: StudyFolder) -> str:
     return fig_html(fig, 380 * rows + 80)
 
 
+def _objective_axis(st: StudyFolder):
+    """What the search minimised, as (column, scale, title, unit) for the history plot."""
+    objective = str(st.summary.config.get("objective", "latency"))
+    if objective == "passes":
+        return "objective", 1.0, "serial transformer passes per batch", "passes"
+    if objective.startswith("cost:"):
+        dev = (st.summary.schedule or {}).get("provenance", {}).get("objective_device") or "the profiled device"
+        return "objective", 1e3, f"modelled latency on {dev} (ms / batch)", "ms"
+    return "latency_s", 1e3, "latency (ms / batch)", "ms"
+
+
 def history_figure(st: StudyFolder, chosen: int | None, seq_latency: float | None) -> str:
+    """Each trial's objective value (the one the search minimised) in trial order."""
     import plotly.graph_objects as go
 
+    col, scale, title, unit = _objective_axis(st)
     df = st.trials.copy()
+    if col not in df:  # studies written before the objective column existed
+        col, scale, title, unit = "latency_s", 1e3, "latency (ms / batch)", "ms"
     df["kind"] = [trial_state(r) for r in df.to_dict("records")]
     fig = go.Figure()
     for kind, sym in (("feasible", "circle"), ("infeasible", "circle-open"), ("pruned", "x"), ("failed", "x")):
@@ -102,18 +117,19 @@ def history_figure(st: StudyFolder, chosen: int | None, seq_latency: float | Non
         if d.empty:
             continue
         done = kind in ("feasible", "infeasible")
-        y = d.latency_s * 1e3 if done else np.zeros(len(d))
+        y = d[col] * scale if done else np.zeros(len(d))
         hover = []
         for r in d.to_dict("records"):
             s = f"trial {r['number']}" + (f" (seed: {_seed_name(r)})" if _seed_name(r) else "")
             if done:
-                s += f"<br>latency {ms(r['latency_s'])} ms<br>FID gap {num(r.get('fid_gap'), '+.3g')}"
+                s += (f"<br>{num(r[col] * scale, '.4g')} {unit}<br>latency here {ms(r['latency_s'])} ms"
+                      f"<br>FID gap {num(r.get('fid_gap'), '+.3g')}")
             elif kind == "pruned":
                 s += f"<br>pruned at warm-up: pixel RMSE {num(r.get('warmup_rmse'), '.3g')} (0–255)"
             else:
                 s += "<br>failed"
             hover.append(s)
-        label = {"pruned": "pruned (warm-up proxy; no latency, drawn at 0)",
+        label = {"pruned": "pruned (warm-up proxy; no value, drawn at 0)",
                  "failed": "failed (drawn at 0)"}.get(kind, kind)
         fig.add_trace(go.Scatter(x=d.number, y=y, mode="markers", name=label, text=hover,
                                  hovertemplate="%{text}<extra></extra>",
@@ -121,23 +137,26 @@ def history_figure(st: StudyFolder, chosen: int | None, seq_latency: float | Non
                                              line=dict(width=1.5, color=STATE_COLORS[kind]))))
     feas = df[df.kind == "feasible"].sort_values("number")
     if not feas.empty:
-        best = (feas.latency_s * 1e3).cummin()
+        best = (feas[col] * scale).cummin()
         xs = list(feas.number) + [int(df.number.max())]
         ys = list(best) + [float(best.iloc[-1])]
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=STATE_COLORS["feasible"], shape="hv"),
                                  name="best feasible so far", hoverinfo="skip"))
     if chosen is not None and (df.number == chosen).any():
         r = df[df.number == chosen].iloc[0]
-        fig.add_trace(go.Scatter(x=[chosen], y=[r.latency_s * 1e3], mode="markers", name="chosen (verified)",
+        fig.add_trace(go.Scatter(x=[chosen], y=[r[col] * scale], mode="markers", name="chosen (verified)",
                                  marker=dict(symbol="star", size=18, color="#f2b705",
                                              line=dict(color="black", width=1))))
-    if seq_latency:
-        fig.add_trace(go.Scatter(x=[int(df.number.min()), int(df.number.max())], y=[seq_latency * 1e3] * 2,
+    seq = df[(df.get("seed") == "sequential") & df.kind.isin(["feasible", "infeasible"])] if "seed" in df else df[:0]
+    ref = float(seq[col].iloc[0]) * scale if not seq.empty else (
+        seq_latency * 1e3 if seq_latency and col == "latency_s" else None)
+    if ref:
+        fig.add_trace(go.Scatter(x=[int(df.number.min()), int(df.number.max())], y=[ref] * 2,
                                  mode="lines", line=dict(dash="dash", color="#555"),
-                                 name=f"sequential ({ms(seq_latency)} ms)", hoverinfo="skip"))
-    fig.update_layout(title=dict(text=f"Optimisation history — objective: latency per batch of "
+                                 name=f"sequential ({num(ref, '.4g')} {unit})", hoverinfo="skip"))
+    fig.update_layout(title=dict(text=f"Optimisation history — objective: {title.split(' (')[0]}, batch of "
                                       f"{st.summary.batch}", font=dict(size=14)),
-                      xaxis_title="trial number", yaxis_title="latency (ms / batch)",
+                      xaxis_title="trial number", yaxis_title=title,
                       legend=dict(orientation="h", y=-0.2))
     fig.update_yaxes(rangemode="tozero")
     return fig_html(fig, 430)
