@@ -40,3 +40,13 @@ def test_bench_cli_writes_json_with_all_rows(tmp_path):
     for r in doc["rows"]:  # every ratio is the one its latencies give
         assert r["ratio_to_lower_bound"] == pytest.approx(r["latency"]["median_s"] / low)
         assert r["speedup_vs_fast_sequential"] == pytest.approx(fast / r["latency"]["median_s"])
+
+
+def test_bench_times_its_rows_interleaved_round_by_round():
+    from tuner.bench import _time_interleaved
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name) or name) for name in ("a", "b", "c")}
+    outs, stats = _time_interleaved(fns, "cpu", warmup=1, repeats=2)
+    assert calls == ["a", "b", "c"] + ["a", "b", "c"] * 2  # warm-ups, then one run of each per round
+    assert outs == {"a": "a", "b": "b", "c": "c"} and all(s["runs"] == 2 for s in stats.values())

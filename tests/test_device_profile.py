@@ -2,8 +2,8 @@
 measured per-pass times, priced from the sampler's pass counts by width."""
 
 import json
+import shutil
 
-import numpy as np
 import optuna
 import pytest
 
@@ -11,10 +11,9 @@ from tarflow.sampling import make_noise, sample
 from tarflow.schedule import Schedule, builtin_schedule
 from tuner.device_profile import DeviceProfile
 
-from .conftest import CALIB, one_line_error, run_cli
+from .conftest import TINY_STUDY_ARGS, one_line_error, run_cli
 
-ARGS = ["--trials", "4", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off",
-        "--tolerance", "1000", "--modes", "segments,frontier", "--device", "cpu"]
+ARGS = TINY_STUDY_ARGS  # guided and denoised: the profile must be measured with the same guidance
 
 
 @pytest.mark.parametrize("spec", ["sequential", "jacobi:segments=4,max_iters=5,tol=1e-3",
@@ -31,16 +30,17 @@ def test_pass_counts_by_width_add_up_to_passes_and_tokens(model, spec):
 @pytest.fixture(scope="module")
 def cpu_profile(tmp_path_factory):
     d = tmp_path_factory.mktemp("devprof")
-    res = run_cli("device-profile", "--batch", 16, "--repeats", 1, "--device", "cpu", "--out", d / "cpu.json")
+    res = run_cli("device-profile", "--batch", 16, "--repeats", 1, "--device", "cpu", "--guidance", 1.5,
+                  "--out", d / "cpu.json")
     assert res.exit_code == 0, res.output
     return d / "cpu.json"
 
 
-def test_cost_objective_prices_each_trial_from_the_profile(model, cpu_profile, tmp_path):
-    cal = np.load(CALIB)
-    np.savez(tmp_path / "calib.npz", x=cal["x"][:16], y=cal["y"][:16])
-    res = run_cli("tune", *ARGS, "--objective", f"cost:{cpu_profile}", "--data", tmp_path / "calib.npz",
-                  "--out", tmp_path / "study")
+def test_cost_objective_prices_each_trial_from_the_profile(model, cpu_profile, tiny_study, tmp_path):
+    out, _ = tiny_study
+    shutil.copytree(out / "profile", tmp_path / "study" / "profile")  # a new study that reuses the block profile
+    res = run_cli("tune", *ARGS, "--objective", f"cost:{cpu_profile}", "--data", out.parent / "calib.npz",
+                  "--resume", "--out", tmp_path / "study")
     assert res.exit_code == 0, res.output
     prof = DeviceProfile.load(cpu_profile)
     assert f"modelled on {prof.device['device_name']}" in res.output
@@ -58,8 +58,10 @@ def test_a_profile_that_does_not_fit_or_cannot_be_read_is_refused(cpu_profile, t
     d = json.loads(cpu_profile.read_text())
     (tmp_path / "b4.json").write_text(json.dumps(d | {"batch": 4}))
     (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "unguided.json").write_text(json.dumps(d | {"guided": False}))
     (tmp_path / "neg.json").write_text(json.dumps(d | {"seconds": {k: [-1.0] * len(v) for k, v in d["seconds"].items()}}))
     for name, text in (("b4.json", "measured at batch 4, not 16"), ("bad.json", "not a readable device profile"),
+                       ("unguided.json", "measured without guidance"),
                        ("neg.json", "one positive time per width"), ("missing.json", "not a readable device profile")):
         res = run_cli("tune", *ARGS, "--objective", f"cost:{tmp_path / name}", "--out", tmp_path / name[:-5])
         one_line_error(res, text)

@@ -66,23 +66,33 @@ def naive_sequential(model: TarFlow, noise, *, labels=None, settings: SamplingSe
     return model.unpatchify(x)
 
 
-def _time(fn, device, warmup: int, repeats: int):
-    """Median-of-repeats latency, with the machine's load average before and after (a figure
-    taken on a busy machine shows it) and, on CUDA, the peak memory of the timed runs."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
+def _time_interleaved(fns: dict, device, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """Median-of-repeats latency of each function, timed round-robin (one run of each per round)
+    so that a machine that slows down or speeds up during the bench hits every row alike; with
+    the load average before and after each row's runs (a busy machine shows) and, on CUDA, the
+    peak memory of its timed runs. Returns (last output, stats) per name."""
+    outs = {name: None for name in fns}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            outs[name] = fn()
     cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    load_before = os.getloadavg()[0]
-    runs = []
+    runs = {name: [] for name in fns}
+    load = {name: [] for name in fns}
+    peak = {name: 0 for name in fns}
     for _ in range(repeats):
-        out, s = timed(fn, device)
-        runs.append(s)
-    stats = summarize(runs) | {"loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
-                               "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
-    return out, stats
+        for name, fn in fns.items():
+            load[name].append(os.getloadavg()[0])
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            outs[name], s = timed(fn, device)
+            runs[name].append(s)
+            if cuda:
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+    stats = {name: summarize(runs[name]) | {"loadavg_1min_before": load[name][0],
+                                             "loadavg_1min_after": os.getloadavg()[0],
+                                             "peak_mem_bytes": peak[name] if cuda else None}
+             for name in fns}
+    return outs, stats
 
 
 def run_bench(model, schedules: list[str], *, batch: int, device, warmup: int = 1, repeats: int = 5,
@@ -94,38 +104,34 @@ def run_bench(model, schedules: list[str], *, batch: int, device, warmup: int = 
     labels = settings.make_labels(batch, model, seed)
     labels = None if labels is None else labels.to(device)
     run = SamplingSettings(**(settings.to_dict() | {"denoise_std": 0.0}))  # timing covers the inverse only
-    rows = []
     seq = resolve_schedule("sequential", model)
-    steps = len(schedules) + 3 - skip_naive
-    task = progress.add_task("bench", total=steps) if progress else None
-
-    def advance():
-        if progress:
-            progress.advance(task)
-
-    x_seq, t_seq = _time(lambda: sample(model, noise, seq, labels=labels, settings=run)[0], device, warmup, repeats)
-    seq_row = {"nfe": B * (T - 1) / T, "passes": B * (T - 1), "tokens": B * (T - 1)}  # T-1 one-token steps a block
-    rows.append({"name": "sequential (fast)", "latency": t_seq, **seq_row})
-    advance()
-    if not skip_naive:
-        _, t_naive = _time(lambda: naive_sequential(model, noise, labels=labels, settings=run), device, warmup, repeats)
-        rows.append({"name": "sequential (reference-style)", "latency": t_naive, **seq_row})
-        advance()
     with torch.no_grad():
-        x_in = x_seq.to(device, next(model.parameters()).dtype)  # the bound runs in the weights dtype
-        y_in = labels
+        x_in = sample(model, noise, seq, labels=labels, settings=run)[0].to(next(model.parameters()).dtype)
+        y_in = labels  # the bound runs in the weights dtype on a sample-shaped input
         if run.guided:  # the guided sampler does two passes per step; so does the bound
             x_in, y_in = x_in.repeat(2, 1, 1, 1), torch.cat([labels, torch.full_like(labels, -1)])
-        _, t_low = _time(lambda: model(x_in, y_in), device, warmup, repeats)
+    scheds = {spec: resolve_schedule(spec, model, force=force) for spec in schedules}
+    fns = {"sequential (fast)": lambda: sample(model, noise, seq, labels=labels, settings=run)[0]}
+    if not skip_naive:
+        fns["sequential (reference-style)"] = lambda: naive_sequential(model, noise, labels=labels, settings=run)
+    fns["one-pass lower bound"] = lambda: model(x_in, y_in)
+    for spec, sched in scheds.items():
+        fns[spec] = lambda sched=sched: sample(model, noise, sched, labels=labels, settings=run)
+    if progress:
+        progress.add_task(f"bench: {len(fns)} samplers x {repeats} interleaved rounds", total=None)
+    with torch.no_grad():
+        outs, stats = _time_interleaved(fns, device, warmup, repeats)
+    x_seq, t_seq, t_low = outs["sequential (fast)"], stats["sequential (fast)"], stats["one-pass lower bound"]
+    seq_row = {"nfe": B * (T - 1) / T, "passes": B * (T - 1), "tokens": B * (T - 1)}  # T-1 one-token steps a block
+    rows = [{"name": "sequential (fast)", "latency": t_seq, **seq_row}]
+    if not skip_naive:
+        rows.append({"name": "sequential (reference-style)", "latency": stats["sequential (reference-style)"], **seq_row})
     rows.append({"name": "one-pass lower bound", "latency": t_low, "nfe": float(B), "passes": B, "tokens": B * T})
-    advance()
-    for spec in schedules:
-        sched = resolve_schedule(spec, model, force=force)
-        (x, st), t = _time(lambda: sample(model, noise, sched, labels=labels, settings=run), device, warmup, repeats)
-        rows.append({"name": sched.name, "spec": spec, "latency": t, "nfe": st.nfe,
+    for spec, sched in scheds.items():
+        x, st = outs[spec]
+        rows.append({"name": sched.name, "spec": spec, "latency": stats[spec], "nfe": st.nfe,
                      "passes": st.passes, "tokens": sum(st.tokens), "iters": st.iters,
                      "modes": st.modes, "fallbacks": len(st.fallbacks), "proxy": paired_proxy(x, x_seq)})
-        advance()
     seq_fast = t_seq["median_s"]
     naive = next((r["latency"]["median_s"] for r in rows if r["name"].endswith("reference-style)")), None)
     low = t_low["median_s"]
@@ -134,6 +140,6 @@ def run_bench(model, schedules: list[str], *, batch: int, device, warmup: int = 
         r["speedup_vs_fast_sequential"] = seq_fast / m
         r["speedup_vs_reference_sequential"] = naive / m if naive else None
         r["ratio_to_lower_bound"] = m / low
-    return {"model": model.fingerprint, "batch": batch, "warmup": warmup, "repeats": repeats,
+    return {"model": model.fingerprint, "batch": batch, "warmup": warmup, "repeats": repeats, "timing": "interleaved",
             "sampling": settings.to_dict(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             **device_info(device), "rows": rows}
