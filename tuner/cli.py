@@ -340,8 +340,11 @@ def tune(
 
     html = write_report(out, out / "report.html")
     if summary.schedule is None:
-        typer.echo(f"no schedule met FID tolerance {tolerance:g} "
-                   f"({summary.trials} trials); nothing exported (see {out}/trials.csv)", err=True)
+        kept = (f"; {out}/schedule.json is an earlier export of this study, left as it was"
+                if (out / "schedule.json").exists() else "")
+        drift = " and the drift limit" if summary.config.get("max_drift") is not None else ""
+        typer.echo(f"no schedule met FID tolerance {tolerance:g}{drift} on fresh noise "
+                   f"({summary.trials} trials); nothing exported (see {out}/trials.csv){kept}", err=True)
         raise typer.Exit(1)
     from tuner.verdict import tune_lines
 
