@@ -16,7 +16,7 @@ from tuner.summary import StudySummary
 
 from .conftest import CALIB
 
-ARGS = ["--trials", "5", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
+ARGS = ["--trials", "6", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
         "--heartbeat", "1", "--modes", "segments", "--device", "cpu"]
 
 
@@ -56,10 +56,10 @@ def test_sigkill_mid_trial_then_resume_keeps_every_completed_trial(tmp_path, poi
     with pytest.warns(optuna.exceptions.ExperimentalWarning):
         retried = [t for t in after if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 2]
     assert len(retried) == 1 and retried[0].params == after[2].params
-    assert len(after) == 5
+    assert len(after) == 6 and all(t.state.is_finished() for t in after)  # the retry ran within --trials
     import pandas as pd
 
     table = pd.read_csv(out / "trials.csv")
     assert table.fail_reason[2] == f"heartbeat stopped (its process died); retried as trial {retried[0].number}"
     Schedule.load(out / "schedule.json")
-    assert StudySummary.load(out / "summary.json").trials == 5
+    assert StudySummary.load(out / "summary.json").trials == 6
