@@ -183,3 +183,15 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     top = img[: img.shape[0] // 2]
     coloured = (top.max(axis=2).astype(int) - top.min(axis=2)) > 60
     assert coloured.mean() > 0.002
+
+
+def test_a_passes_study_leads_with_its_objective_and_drift(tmp_path):
+    """The committed main-job study (objective passes): its summary cards and history plot show
+    the measure the search minimised, and the verified drift, read from its files."""
+    src = ROOT / "studies" / "mnist" / "tune_passes"
+    shutil.copytree(src, tmp_path / "s", ignore=shutil.ignore_patterns("report.html"))
+    html = write_report(tmp_path / "s", tmp_path / "r.html").read_text()
+    prov = json.loads((src / "schedule.json").read_text())["provenance"]
+    assert "serial passes per batch" in html and f"{prov['passes_per_batch']:.3g}" in html
+    assert "drift vs sequential, re-verified" in html and f"{prov['fid_verify']['proxy']['rmse_max']:.3g}/255 max" in html
+    assert "objective: serial transformer passes per batch" in html

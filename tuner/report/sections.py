@@ -29,6 +29,20 @@ def _cards(st: StudyFolder) -> str:
     if sched is not None:
         prov = sched.provenance
         fs, fv = prov["fid_search"], prov.get("fid_verify") or {}
+        objective = str(prov.get("objective", "latency"))
+        if objective != "latency" and prov.get("passes_per_batch"):  # the search's own measure first
+            a = s.model["arch"]
+            seq = a["num_blocks"] * ((a["img_size"] // a["patch_size"]) ** 2 - 1)
+            title = "serial passes per batch" if objective == "passes" else "modelled latency per batch"
+            value = (f"{num(prov['passes_per_batch'], '.3g')}" if objective == "passes"
+                     else f"{ms(prov['objective_value'])} ms")
+            passes = "" if objective == "passes" else f"{num(prov['passes_per_batch'], '.3g')} serial passes "
+            cards.append((title, value, f"{passes}vs {seq} sequential passes; objective {esc(objective)}"
+                          + (f" on {esc(prov.get('objective_device') or '?')}" if objective != "passes" else "")))
+        if fv.get("proxy"):
+            cards.append(("drift vs sequential, re-verified", f"{num(fv['proxy']['rmse_max'], '.3g')}/255 max",
+                          f"mean {num(fv['proxy']['rmse_mean'], '.3g')}/255 over {fv['proxy']['n']} fresh samples"
+                          + (f"; limit {prov['max_drift']:g}" if prov.get("max_drift") is not None else "")))
         cards.append(("speed-up vs sequential (re-timed)", f"{num(prov['speedup_vs_sequential'], '.2f')}×",
                       f"{ms(prov['latency_s'])} ms vs {ms(prov['sequential_latency_s'])} ms per batch of "
                       f"{s.batch} on {esc(s.device['device_class'])}"))
