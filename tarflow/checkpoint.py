@@ -46,6 +46,15 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
+def read_json(path, what: str):
+    """A JSON file's content, or a one-line UserError saying it is not a readable `what`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable {what} ({e})") from None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 

@@ -12,7 +12,7 @@ from tarflow.sampling import make_noise, sample
 from tarflow.schedule import BlockPlan, Schedule, builtin_schedule
 from tarflow.settings import SamplingSettings
 
-from .conftest import CALIB, one_line_error, run_cli
+from .conftest import CALIB, ROOT, one_line_error, run_cli
 
 run = run_cli
 
@@ -232,3 +232,17 @@ def test_readme_python_snippet_runs_as_written(monkeypatch):
     x, stats, model = scope["x"], scope["stats"], scope["model"]
     assert x.shape == (16, 1, 28, 28) and torch.isfinite(x).all()
     assert stats.modes[0] == "sequential" and len(stats.modes) == model.cfg.num_blocks
+
+
+def test_a_tune_that_exports_nothing_says_why_and_what_an_earlier_export_means(tmp_path):
+    from tuner.summary import StudySummary
+    from tuner.verdict import nothing_exported_line
+
+    s = StudySummary.load(ROOT / "studies" / "mnist" / "tune_passes" / "summary.json")
+    s.schedule = None
+    line = nothing_exported_line(s, tmp_path)
+    assert "FID tolerance 10 and the drift limit" in line and "left as it was" not in line
+    (tmp_path / "schedule.json").write_text("{}")
+    assert "schedule.json is an earlier export of this study, left as it was" in nothing_exported_line(s, tmp_path)
+    s.config["max_drift"] = None
+    assert "drift limit" not in nothing_exported_line(s, tmp_path)

@@ -302,7 +302,6 @@ def tune(
     """Search the fastest per-block schedule within an FID tolerance; writes schedule.json."""
     from tuner.extractors import default_extractor
     from tuner.search import TuneConfig, tune as run_tune
-    from tuner.studies import open_storage
 
     if (out / "schedule.json").exists() and not (resume or overwrite):
         raise UserError(f"{out} already holds schedule.json; pass --resume, --overwrite or another --out")
@@ -319,11 +318,8 @@ def tune(
                      prune_rmse=prune_rmse, seed=seed, sampling=settings,
                      objective=objective or ("latency" if dev == "cuda" else "passes"),
                      max_drift=parse_drift(max_drift), modes=parse_modes(modes), heartbeat=heartbeat)
-    if cfg.cost_model is not None:  # a profile of another workload fails now, not after the profile
-        cfg.cost_model.check_fits(model, cfg.batch, cfg.sampling)
     url = storage or f"sqlite:///{(out / 'study.db').as_posix()}"
-    if storage:  # an unreachable database fails now, not after the profile
-        open_storage(url, heartbeat)
+    _preflight(cfg, model, storage and url)
     prof = tune_profile(out / "profile", resume, data, seed, model, settings)
     with progress_bar() as prog:
         task = prog.add_task("trials", total=trials)
@@ -339,18 +335,25 @@ def tune(
     from tuner.report import write_report
 
     html = write_report(out, out / "report.html")
-    if summary.schedule is None:
-        kept = (f"; {out}/schedule.json is an earlier export of this study, left as it was"
-                if (out / "schedule.json").exists() else "")
-        drift = " and the drift limit" if summary.config.get("max_drift") is not None else ""
-        typer.echo(f"no schedule met FID tolerance {tolerance:g}{drift} on fresh noise "
-                   f"({summary.trials} trials); nothing exported (see {out}/trials.csv){kept}", err=True)
-        raise typer.Exit(1)
-    from tuner.verdict import tune_lines
+    from tuner.verdict import nothing_exported_line, tune_lines
 
+    if summary.schedule is None:
+        typer.echo(nothing_exported_line(summary, out), err=True)
+        raise typer.Exit(1)
     for line in tune_lines(summary, out):
         typer.echo(line)
     typer.echo(f"report -> {html}")
+
+
+def _preflight(cfg, model, storage_url: str | None) -> None:
+    """What would fail after the (minutes-long) profile fails now: a device profile of another
+    workload, an unreachable database."""
+    from tuner.studies import open_storage
+
+    if cfg.cost_model is not None:
+        cfg.cost_model.check_fits(model, cfg.batch, cfg.sampling)
+    if storage_url:
+        open_storage(storage_url, cfg.heartbeat)
 
 
 def tune_profile(prof_dir: Path, resume: bool, data: Path, seed: int, model, settings):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tarflow.checkpoint import atomic_write_text
+from tarflow.checkpoint import atomic_write_text, read_json
 from tarflow.errors import UserError
 from tarflow.sampling import BlockSolver, make_noise
 from tarflow.settings import SamplingSettings
@@ -62,10 +62,7 @@ class DeviceProfile:
     @classmethod
     def load(cls, path) -> "DeviceProfile":
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: not a readable device profile ({e})") from None
+        d = read_json(path, "device profile")
         if not isinstance(d, dict) or d.get("version") != DEVICE_PROFILE_VERSION:
             raise UserError(f"{path}: not a device profile of version {DEVICE_PROFILE_VERSION}")
         try:

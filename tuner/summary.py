@@ -12,7 +12,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from tarflow.checkpoint import atomic_write_text
+from tarflow.checkpoint import atomic_write_text, read_json
 from tarflow.errors import UserError
 from tarflow.settings import SamplingSettings
 
@@ -100,12 +100,7 @@ class StudySummary:
 
     @classmethod
     def load(cls, path) -> "StudySummary":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: not a valid study summary ({e})") from None
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json(path, "study summary"), str(path))
 
     @property
     def sequential_latency_s(self) -> float:

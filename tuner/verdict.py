@@ -41,3 +41,12 @@ def tune_lines(summary, out: Path) -> list[str]:
 def _T(summary) -> int:
     a = summary.model["arch"]
     return (a["img_size"] // a["patch_size"]) ** 2
+
+
+def nothing_exported_line(summary, out: Path) -> str:
+    """Why a tune exported nothing, and what an earlier export left in `out` means."""
+    kept = (f"; {out}/schedule.json is an earlier export of this study, left as it was"
+            if (out / "schedule.json").exists() else "")
+    drift = " and the drift limit" if summary.config.get("max_drift") is not None else ""
+    return (f"no schedule met FID tolerance {summary.tolerance:g}{drift} on fresh noise ({summary.trials} "
+            f"trials); nothing exported (see {out}/trials.csv){kept}")
