@@ -47,12 +47,12 @@ def atomic_write_bytes(path: Path, write) -> None:
 
 
 def read_json(path, what: str):
-    """A JSON file's content, or a one-line UserError saying it is not a readable `what`."""
+    """A JSON file's content, or a one-line UserError: '<path>: not <what> (<why>)'."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable {what} ({e})") from None
+        raise UserError(f"{path}: not {what} ({e})") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -62,7 +62,7 @@ class DeviceProfile:
     @classmethod
     def load(cls, path) -> "DeviceProfile":
         path = Path(path)
-        d = read_json(path, "device profile")
+        d = read_json(path, "a readable device profile")
         if not isinstance(d, dict) or d.get("version") != DEVICE_PROFILE_VERSION:
             raise UserError(f"{path}: not a device profile of version {DEVICE_PROFILE_VERSION}")
         try:

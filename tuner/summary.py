@@ -100,7 +100,7 @@ class StudySummary:
 
     @classmethod
     def load(cls, path) -> "StudySummary":
-        return cls.from_dict(read_json(path, "study summary"), str(path))
+        return cls.from_dict(read_json(path, "a valid study summary"), str(path))
 
     @property
     def sequential_latency_s(self) -> float:
