@@ -59,7 +59,7 @@ def one_line_error(res, text):
 
 
 # the one tiny study every test that needs a study shares: the bundled model, guided and denoised,
-# 6 trials at n = 32 on a 32-image calibration set (a full profile takes minutes)
+# 6 trials at n = 32 on a 16-image calibration set (a full profile takes minutes)
 TINY_STUDY_ARGS = ["--trials", "6", "--n", "32", "--batch", "16", "--verify-n", "64", "--max-drift", "off", "--device", "cpu",
                    "--tolerance", "50", "--guidance", "1.5", "--denoise"]
 
@@ -70,7 +70,7 @@ def tiny_study(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny")
     cal = np.load(CALIB)
-    np.savez(d / "calib.npz", x=cal["x"][:32], y=cal["y"][:32])
+    np.savez(d / "calib.npz", x=cal["x"][:16], y=cal["y"][:16])
     res = run_cli("tune", *TINY_STUDY_ARGS, "--data", d / "calib.npz", "--out", d / "study")
     assert res.exit_code == 0, res.output
     return d / "study", res.output

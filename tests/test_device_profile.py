@@ -39,8 +39,8 @@ def cpu_profile(tmp_path_factory):
 def test_cost_objective_prices_each_trial_from_the_profile(model, cpu_profile, tiny_study, tmp_path):
     out, _ = tiny_study
     shutil.copytree(out / "profile", tmp_path / "study" / "profile")  # a new study that reuses the block profile
-    res = run_cli("tune", *ARGS, "--objective", f"cost:{cpu_profile}", "--data", out.parent / "calib.npz",
-                  "--resume", "--out", tmp_path / "study")
+    res = run_cli("tune", *ARGS, "--trials", 3, "--objective", f"cost:{cpu_profile}",  # the last --trials counts
+                  "--data", out.parent / "calib.npz", "--resume", "--out", tmp_path / "study")
     assert res.exit_code == 0, res.output
     prof = DeviceProfile.load(cpu_profile)
     assert f"modelled on {prof.device['device_name']}" in res.output

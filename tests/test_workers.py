@@ -26,7 +26,7 @@ from tuner.summary import StudySummary
 from .conftest import CALIB, one_line_error, run_cli
 
 # small enough for 3 workers on 2 cores: the sharing, not the search, is under test
-ARGS = ["--trials", "7", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
+ARGS = ["--trials", "6", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
         "--heartbeat", "2", "--modes", "segments", "--device", "cpu", "--guidance", "1.5"]
 
 
