@@ -134,10 +134,10 @@ def make_study(storage, name: str, seed: int, resume: bool, config: dict, seeds:
         for seed_name, params in seeds.items():
             study.enqueue_trial(params, user_attrs={"seed": seed_name})
         return study
-    stored = _await(lambda: study.user_attrs.get("config"), 30.0)  # its creator writes it next
-    if stored is None:
-        raise UserError(f"study '{name}' holds no settings record: it was not made by `tarflow-tuner tune`")
-    if stored != config:
+    stored = _await(lambda: study.user_attrs.get("config"), 10.0)  # its creator writes it next
+    if stored is None:  # a study from before settings were recorded: record them now
+        study.set_user_attr("config", config)
+    elif stored != config:
         diff = [f"{k} {stored.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(stored) | set(config))
                 if stored.get(k) != config.get(k)]
         raise UserError(f"study '{name}' was run with other settings ({'; '.join(diff)}): its trials "
