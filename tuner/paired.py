@@ -39,11 +39,10 @@ def paired_proxy(x_schedule, x_sequential, extractor=None, *, features_schedule=
     fa = fb = ext = None
     if extractor is not None:
         ext = get_extractor(extractor) if isinstance(extractor, str) else extractor
-        a, b = _pixels(x_schedule), _pixels(x_sequential)
         fa = features_schedule if features_schedule is not None else ext.features(
-            a.round().astype(np.uint8), batch_size=batch_size)
+            _pixels(x_schedule).round().astype(np.uint8), batch_size=batch_size)
         fb = features_sequential if features_sequential is not None else ext.features(
-            b.round().astype(np.uint8), batch_size=batch_size)
+            _pixels(x_sequential).round().astype(np.uint8), batch_size=batch_size)
     return proxy_summary(rmse, bad, fa, fb, None if ext is None else ext.id)
 
 

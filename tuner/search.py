@@ -82,13 +82,14 @@ class TuneConfig:
         if self.objective.startswith("cost:"):
             DeviceProfile.load(self.objective[len("cost:"):])  # a bad file fails before any work
 
+    seed: int = 0
+    sampling: SamplingSettings = SamplingSettings()  # what is sampled: every run of the search uses it
+    floor_seeds: tuple[int, ...] = (101, 102, 103)
+
     @property
     def cost_model(self) -> "DeviceProfile | None":
         """The device profile a cost:FILE objective prices passes with."""
         return DeviceProfile.load(self.objective[len("cost:"):]) if self.objective.startswith("cost:") else None
-    seed: int = 0
-    sampling: SamplingSettings = SamplingSettings()  # what is sampled: every run of the search uses it
-    floor_seeds: tuple[int, ...] = (101, 102, 103)
 
 
 @dataclass

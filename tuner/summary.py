@@ -103,6 +103,12 @@ class StudySummary:
         return cls.from_dict(read_json(path, "a valid study summary"), str(path))
 
     @property
+    def sequential_passes(self) -> int:
+        """Serial passes of the sequential sampler per batch: T - 1 one-token steps per block."""
+        a = self.model["arch"]
+        return a["num_blocks"] * ((a["img_size"] // a["patch_size"]) ** 2 - 1)
+
+    @property
     def sequential_latency_s(self) -> float:
         """Search-time median latency of the sequential sampler."""
         return self.sequential.latency["median_s"]

@@ -15,7 +15,7 @@ def tune_lines(summary, out: Path) -> list[str]:
     latency = (f"{p['latency_s'] * 1e3:.1f} ms per batch of {B} on {dev} = {p['speedup_vs_sequential']:.2f}x "
                "sequential (re-timed here, interleaved)")
     if p.get("objective") == "passes":
-        seq = blocks * (_T(summary) - 1)
+        seq = summary.sequential_passes
         lines = [f"tuned schedule -> {out}/schedule.json: {p['passes_per_batch']:.0f} serial transformer passes "
                  f"per batch of {B} vs {seq} sequential ({seq / p['passes_per_batch']:.1f}x fewer; the one-pass "
                  f"lower bound is {blocks}); {fid}",
@@ -36,11 +36,6 @@ def tune_lines(summary, out: Path) -> list[str]:
         lines.append(f"note: every block of the winner is token-by-token: on {dev} at batch {B} nothing beat "
                      "the sequential sampler; any speed-up above is timing noise")
     return lines
-
-
-def _T(summary) -> int:
-    a = summary.model["arch"]
-    return (a["img_size"] // a["patch_size"]) ** 2
 
 
 def nothing_exported_line(summary, out: Path) -> str:

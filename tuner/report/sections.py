@@ -31,8 +31,7 @@ def _cards(st: StudyFolder) -> str:
         fs, fv = prov["fid_search"], prov.get("fid_verify") or {}
         objective = str(prov.get("objective", "latency"))
         if objective != "latency" and prov.get("passes_per_batch"):  # the search's own measure first
-            a = s.model["arch"]
-            seq = a["num_blocks"] * ((a["img_size"] // a["patch_size"]) ** 2 - 1)
+            seq = s.sequential_passes
             title = "serial passes per batch" if objective == "passes" else "modelled latency per batch"
             value = (f"{num(prov['passes_per_batch'], '.3g')}" if objective == "passes"
                      else f"{ms(prov['objective_value'])} ms")
