@@ -123,7 +123,7 @@ class BlockSolver:
 
 
 class CountedSolver:
-    """Counts a solver's passes by width: what a device cost model (tuner.device_profile) prices.
+    """Counts a solver's passes by width: what a device cost model (tuner.measure.device_profile) prices.
     Widths are Python ints, so counting costs no device sync."""
 
     def __init__(self, solver):

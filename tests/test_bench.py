@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from tarflow.sampling import make_noise, sample
 from tarflow.schedule import builtin_schedule
 from tarflow.settings import SamplingSettings
-from tuner.bench import naive_sequential
+from tuner.measure.bench import naive_sequential
 from tuner.cli import app
 
 
@@ -43,7 +43,7 @@ def test_bench_cli_writes_json_with_all_rows(tmp_path):
 
 
 def test_bench_times_its_rows_interleaved_round_by_round():
-    from tuner.bench import _time_interleaved
+    from tuner.measure.bench import _time_interleaved
 
     calls = []
     fns = {name: (lambda name=name: calls.append(name) or name) for name in ("a", "b", "c")}

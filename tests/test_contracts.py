@@ -69,7 +69,7 @@ def test_bad_sampling_options_are_one_line_exit_2(tmp_path, args, text):
 
 def test_a_model_fresh_from_its_constructor_has_a_fingerprint_and_runs_everywhere():
     """No loader involved: schedules, fit checks and bench work on any TarFlow."""
-    from tuner.bench import run_bench
+    from tuner.measure.bench import run_bench
 
     torch.manual_seed(0)
     m = TarFlow(TarFlowConfig(img_size=8, patch_size=2, channels=32, head_dim=16, num_blocks=2,
@@ -183,8 +183,8 @@ def test_search_space_decodes_committed_trials_into_the_exported_schedule():
     """trials.csv -> SearchSpace -> the plans that schedule.json holds, for the chosen trial."""
     import pandas as pd
 
-    from tuner.space import SearchSpace
-    from tuner.summary import StudySummary
+    from tuner.search.space import SearchSpace
+    from tuner.search.summary import StudySummary
 
     from .conftest import ROOT
 
@@ -199,7 +199,7 @@ def test_search_space_decodes_committed_trials_into_the_exported_schedule():
 
 
 def test_study_summary_round_trip_and_refusals(tmp_path):
-    from tuner.summary import StudySummary
+    from tuner.search.summary import StudySummary
 
     from .conftest import ROOT
 
@@ -235,8 +235,8 @@ def test_readme_python_snippet_runs_as_written(monkeypatch):
 
 
 def test_a_tune_that_exports_nothing_says_why_and_what_an_earlier_export_means(tmp_path):
-    from tuner.summary import StudySummary
-    from tuner.verdict import nothing_exported_line
+    from tuner.search.summary import StudySummary
+    from tuner.cli.verdict import nothing_exported_line
 
     s = StudySummary.load(ROOT / "studies" / "mnist" / "tune_passes" / "summary.json")
     s.schedule = None

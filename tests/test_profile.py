@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from tarflow.sampling import BlockSolver
 from tarflow.settings import SamplingSettings
 from tuner.cli import app
-from tuner.profile import calibration_batch, run_profile
+from tuner.measure.profile import calibration_batch, run_profile
 
 from .conftest import ROOT
 

@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from tarflow.errors import UserError
 from tarflow.sampling import sample_batched
 from tarflow.settings import SamplingSettings
-from tuner import extractors, fid_command, paired
-from tuner import floor as floorlib
-from tuner import fid as fidlib
+from tuner.quality import extractors, paired
+from tuner.quality import fid_run as fid_command
+from tuner.quality import floor as floorlib
+from tuner.quality import fid as fidlib
 from tuner.cli import DEFAULT_CKPT, app
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -123,13 +124,13 @@ def test_inception_features_separate_cifar_classes_100(inception):
 # --- the project's MNIST extractor ------------------------------------------------------------
 
 def test_mnist_cnn_classifies_held_out_digits(mnist, cnn):
-    from tuner.extractor_train import accuracy
+    from tuner.quality.extractor_train import accuracy
 
     acc = accuracy(cnn.module, mnist["x_test"][:2000], mnist["y_test"][:2000].astype(np.int64))
     assert acc >= 0.98, acc
     assert cnn.meta["test_accuracy"] >= 0.98  # recorded on all 10000 test images
     assert cnn.id == f"mnist-cnn@{cnn.meta['weights_sha256'][:8]}"
-    assert "tuner.extractor_train" in cnn.meta["command"]
+    assert "extractor_train" in cnn.meta["command"]
     assert extractors.MNIST_CNN_WEIGHTS.stat().st_size < 1_000_000
 
 

@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from tarflow.schedule import Schedule
-from tuner.summary import StudySummary
+from tuner.search.summary import StudySummary
 
 from .conftest import CALIB
 

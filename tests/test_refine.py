@@ -3,8 +3,8 @@ while it stays feasible and wins (TPE rarely lands on the one setting all blocks
 
 import optuna
 
-from tuner.search import refine
-from tuner.space import TOL_CHOICES, SearchSpace
+from tuner.search.run import refine
+from tuner.search.space import TOL_CHOICES, SearchSpace
 
 
 def test_refine_loosens_the_best_tolerance_until_it_stops_being_feasible():

@@ -95,7 +95,7 @@ def test_report_never_touches_the_model(study, tmp_path, monkeypatch):
 def test_report_shows_the_study_as_recorded(report, study):
     """The chosen plan decoded through the search space, search and re-timed latencies apart."""
     from tarflow.schedule import Schedule
-    from tuner.summary import StudySummary
+    from tuner.search.summary import StudySummary
 
     _, page = report
     summary = StudySummary.load(study / "summary.json")

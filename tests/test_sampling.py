@@ -168,7 +168,7 @@ def test_denoise_moves_samples_towards_higher_likelihood(model):
 def test_bfloat16_weights_keep_float32_iterates(model):
     """Half-precision option: transformer and K/V in bf16, affine update and guidance in fp32."""
     from tarflow.checkpoint import load_checkpoint
-    from tuner.bench import naive_sequential
+    from tuner.measure.bench import naive_sequential
 
     from .conftest import BUNDLED
 

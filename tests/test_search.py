@@ -12,9 +12,9 @@ from tarflow.sampling import make_noise, sample_batched
 from tarflow.schedule import Schedule, resolve_schedule
 from tarflow.settings import SamplingSettings
 from tuner.cli import app
-from tuner.paired import paired_proxy
-from tuner.search import Objective, TuneConfig
-from tuner.space import TOL_CHOICES
+from tuner.quality.paired import paired_proxy
+from tuner.search.run import Objective, TuneConfig
+from tuner.search.space import TOL_CHOICES
 
 from .conftest import TINY_STUDY_ARGS
 
@@ -101,7 +101,7 @@ def test_resume_adds_trials_to_the_same_study(study):
 
 
 def test_seed_schedules_lie_in_the_search_space(model):
-    from tuner.profile import calibration_batch, run_profile
+    from tuner.measure.profile import calibration_batch, run_profile
     from .test_profile import CALIB
 
     x, _ = calibration_batch(CALIB, 16, 0, model)

@@ -21,7 +21,7 @@ import optuna
 import pytest
 
 from tarflow.schedule import Schedule
-from tuner.summary import StudySummary
+from tuner.search.summary import StudySummary
 
 from .conftest import CALIB, one_line_error, run_cli
 

@@ -107,7 +107,7 @@ stage_bench() {
         PEAK_TAG=$name step tarflow-tuner bench ${specs[$m]} --checkpoint "$ck" --device "$DEVICE" --dtype "$dt" \
           --batch "$b" --repeats "$repeats" --warmup "$warmup" --out "$RES/bench_$name.json"
         # shellcheck disable=SC2086
-        step python3 -m tuner.scale graphs $(ls "$REPO"/studies/"$m"/tune*/schedule.json) --checkpoint "$ck" \
+        step tarflow-tuner scale graphs $(ls "$REPO"/studies/"$m"/tune*/schedule.json) --checkpoint "$ck" \
           --device "$DEVICE" --dtype "$dt" --batch "$b" --repeats "$repeats" --out "$RES/graphs_$name.json"
       done
     done
@@ -130,7 +130,7 @@ stage_scale() {
   local batches=1,16,64 quick="" dt
   ((QUICK)) && batches=1,2 quick=--quick
   for dt in bfloat16 float32; do
-    step python3 -m tuner.scale steps --device "$DEVICE" --dtype "$dt" --batch "$batches" $quick --out "$RES/steps_$dt.json"
+    step tarflow-tuner scale steps --device "$DEVICE" --dtype "$dt" --batch "$batches" $quick --out "$RES/steps_$dt.json"
   done
 }
 

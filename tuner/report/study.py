@@ -11,17 +11,17 @@ import pandas as pd
 from tarflow.errors import UserError
 from tarflow.schedule import Schedule
 
-from ..pictures import PICTURES_JSON
-from ..profile import Profile
-from ..space import SearchSpace
-from ..summary import StudySummary
+from tuner.measure.pictures import PICTURES_JSON
+from tuner.measure.profile import Profile
+from tuner.search.space import SearchSpace
+from tuner.search.summary import StudySummary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
 class Pictures:
-    """What `tune` wrote into pictures/: PNG bytes and what they show (see tuner.pictures)."""
+    """What `tune` wrote into pictures/: PNG bytes and what they show (see tuner.measure.pictures)."""
 
     info: dict
     png: dict[str, bytes] = field(default_factory=dict)

@@ -15,11 +15,11 @@ from tarflow.sampling import make_noise
 from tarflow.schedule import resolve_schedule
 from tarflow.settings import SamplingSettings
 
-from .distributed import Ranks, sample_features
-from .extractors import default_extractor, get_extractor
-from .fid import RefStats, default_ref_path, fid_against, reference_stats
-from .floor import noise_floor, tolerance_check
-from .paired import pixel_drift, proxy_summary
+from tuner.quality.distributed import Ranks, sample_features
+from tuner.quality.extractors import default_extractor, get_extractor
+from tuner.quality.fid import RefStats, default_ref_path, fid_against, reference_stats
+from tuner.quality.floor import noise_floor, tolerance_check
+from tuner.quality.paired import pixel_drift, proxy_summary
 
 
 def load_samples(path) -> np.ndarray:
@@ -106,33 +106,6 @@ def fid_command(*, samples=None, model=None, checkpoint=None, schedule: str = "s
         return None
     out |= res.to_dict()
     return out
-
-
-def format_fid(r: dict) -> list[str]:
-    """Terminal lines for a `fid_command` result; every FID names its extractor and n."""
-    ref = r["ref"]
-    lines = [f"FID {r['fid']:.4g} ({r['extractor']}, n={r['n']}) against "
-             f"{Path(r['ref_path']).name} ({ref.get('source', '?')} {ref.get('split', '?')}, "
-             f"n={ref['n']})"]
-    src = r.get("source", {})
-    if "schedule" in src:
-        lines.append(f"  samples: {src['schedule']}, seed {src['seed']}, labels {src['sampling']['labels']}, "
-                     f"sampled in {src['sampling_seconds']:.1f} s")
-    if "proxy" in r:
-        p = r["proxy"]
-        lines.append(f"paired proxy vs sequential (same noise, n={p['n']}): pixel RMSE mean "
-                     f"{p['rmse_mean']:.4g} max {p['rmse_max']:.4g} (0-255); feature L2 mean "
-                     f"{p['feat_mean']:.4g} max {p['feat_max']:.4g} (spread {p['feat_spread']:.4g}, "
-                     f"{p['extractor']})"
-                     + (f"; {p['nonfinite']} non-finite samples" if p["nonfinite"] else ""))
-    if "noise_floor" in r:
-        f = r["noise_floor"]
-        lines.append(f"noise floor (sequential, seeds {','.join(map(str, f['seeds']))}): FID "
-                     f"{f['mean']:.4g} ± {f['std']:.3g} ({f['extractor']}, n={f['n']}); "
-                     f"resolves differences >= {f['resolution']:.3g}")
-    if r.get("tolerance_warning"):
-        lines.append(f"warning: {r['tolerance_warning']}")
-    return lines
 
 
 def fid_ref_command(*, data, extractor: str, out, n: int | None = None, split: str = "test",

@@ -22,7 +22,7 @@ CSV_PREFIX = "param_"  # how trials.csv prefixes parameter columns
 
 
 class SearchSpace:
-    """Per-block schedules of a model with B blocks and T tokens. `profile` (tuner.profile.Profile)
+    """Per-block schedules of a model with B blocks and T tokens. `profile` (tuner.measure.profile.Profile)
     bounds the pass budgets; decoding needs no profile."""
 
     def __init__(self, B: int, T: int, profile=None, modes: tuple[str, ...] = MODES):

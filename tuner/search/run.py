@@ -30,18 +30,18 @@ from tarflow.sampling import make_noise, sample
 from tarflow.schedule import BlockPlan, Schedule, builtin_schedule
 from tarflow.settings import SamplingSettings
 
-from .device_profile import DeviceProfile
-from .extractors import get_extractor
-from .fid import RefStats, default_ref_path, fid_against, reference_stats
-from .floor import noise_floor, tolerance_check
-from .paired import paired_proxy
-from .profile import Profile
-from .space import SearchSpace
-from .summary import SeedResult, Sequential, StudySummary
-from .pictures import write_pictures
-from .studies import (STARTED, RecordFailures, TrialCap, counted_trials, crashpoint, export_once,
+from tuner.measure.device_profile import DeviceProfile
+from tuner.quality.extractors import get_extractor
+from tuner.quality.fid import RefStats, default_ref_path, fid_against, reference_stats
+from tuner.quality.floor import noise_floor, tolerance_check
+from tuner.quality.paired import paired_proxy
+from tuner.measure.profile import Profile
+from tuner.search.space import SearchSpace
+from tuner.search.summary import SeedResult, Sequential, StudySummary
+from tuner.measure.pictures import write_pictures
+from tuner.search.studies import (STARTED, RecordFailures, TrialCap, counted_trials, crashpoint, export_once,
                       feasible_trials, is_feasible, make_study, open_storage, study_config, trials_table)
-from .timing import device_info, summarize, timed
+from tuner.measure.timing import device_info, summarize, timed
 
 PAPER_TOUGH_SEGMENTS, PAPER_TOUGH_ITERS, PAPER_EASY_ITERS = 8, 32, 10
 OBJECTIVES = ("latency", "passes")

@@ -13,9 +13,9 @@ from tarflow.sampling import make_noise
 from tarflow.schedule import resolve_schedule
 from tarflow.settings import SamplingSettings
 
-from .distributed import Ranks, sample_features
-from .extractors import get_extractor
-from .fid import RefStats, fid_against
+from tuner.quality.distributed import Ranks, sample_features
+from tuner.quality.extractors import get_extractor
+from tuner.quality.fid import RefStats, fid_against
 
 
 def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),

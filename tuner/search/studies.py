@@ -20,7 +20,7 @@ import torch
 
 from tarflow.errors import UserError
 
-from .timing import device_info
+from tuner.measure.timing import device_info
 
 
 def is_feasible(t: optuna.trial.FrozenTrial) -> bool:

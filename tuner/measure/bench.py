@@ -20,8 +20,8 @@ from tarflow.sampling import affine_inverse, make_noise, sample, state_dtype
 from tarflow.schedule import resolve_schedule
 from tarflow.settings import SamplingSettings
 
-from .paired import paired_proxy
-from .timing import device_info, summarize, timed
+from tuner.quality.paired import paired_proxy
+from tuner.measure.timing import device_info, summarize, timed
 
 
 @torch.no_grad()

@@ -198,7 +198,7 @@ def parse_drift(text: str) -> float | None:
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
-    from tuner.space import MODES
+    from tuner.search.space import MODES
 
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
     if not modes or any(m not in MODES for m in modes):

@@ -18,7 +18,7 @@ from tarflow.errors import UserError
 from tarflow.sampling import BlockSolver, make_noise
 from tarflow.settings import SamplingSettings
 
-from .timing import device_info, timed
+from tuner.measure.timing import device_info, timed
 
 DEVICE_PROFILE_VERSION = 1
 

@@ -11,7 +11,7 @@ import torch
 
 from tarflow.errors import UserError
 
-from .extractors import get_extractor
+from tuner.quality.extractors import get_extractor
 
 
 def _pixels(x) -> np.ndarray:

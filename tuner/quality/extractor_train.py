@@ -1,7 +1,7 @@
 """Train the `mnist-cnn` FID extractor: a small MNIST classifier whose penultimate layer is the
 feature space of the fast FID used inside CPU search loops.
 
-    python -m tuner.extractor_train --data ../shared/data/mnist.npz \
+    tarflow-tuner train-extractor --data ../shared/data/mnist.npz \
         --out studies/mnist/fid/mnist_cnn.pt
 
 Trains on x_train only (the reference statistics use x_test), input uint8 / 255 in [0, 1],
@@ -11,9 +11,7 @@ the command, weights sha256) through atomic writes.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from tarflow.checkpoint import atomic_write_bytes, atomic_write_text
 from tarflow.model import weights_hash
 from tarflow.errors import UserError
 
-from .extractors import MNIST_CNN_WEIGHTS, MnistCNN
+from tuner.quality.extractors import MNIST_CNN_WEIGHTS, MnistCNN
 
 
 def _arrays(data_path) -> dict:
@@ -93,36 +91,9 @@ def train_mnist_cnn(data_path, out=MNIST_CNN_WEIGHTS, *, epochs: int = 2, batch:
         "epochs": epochs, "batch": batch, "lr": lr, "seed": seed,
         "train_seconds": round(time.time() - t0, 1),
         "torch": torch.__version__,
-        "command": command or "python -m tuner.extractor_train",
+        "command": command or "tarflow-tuner train-extractor",
         "weights_sha256": weights_hash(state),
         "parameters": sum(v.numel() for v in state.values()),
     }
     atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tuner.extractor_train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="../shared/data/mnist.npz", help="npz with x_train/y_train/x_test/y_test")
-    p.add_argument("--out", default=str(MNIST_CNN_WEIGHTS.relative_to(Path.cwd()))
-                   if MNIST_CNN_WEIGHTS.is_relative_to(Path.cwd()) else str(MNIST_CNN_WEIGHTS))
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = p.parse_args(argv)
-    cmd = "python -m tuner.extractor_train " + " ".join(argv if argv is not None else sys.argv[1:])
-    try:
-        meta = train_mnist_cnn(args.data, args.out, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                               seed=args.seed, threads=args.threads, command=cmd.strip())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"test accuracy {meta['test_accuracy']:.4f} -> {args.out} "
-          f"(mnist-cnn@{meta['weights_sha256'][:8]})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""GPU-study measurements the bench does not take (`python -m tuner.scale steps|graphs ...`).
+"""GPU-study measurements the bench does not take (`tarflow-tuner scale steps|graphs ...`).
 
 `steps`: what one sampler step costs on a large model, to predict schedules beyond MNIST. An
 AFHQ-shaped TarFlow (256 px, patch 8: T = 1024 tokens of D = 192; width 768, 8 blocks x 8
@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import collections
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-import typer
 
 from tarflow.checkpoint import atomic_write_text, load_checkpoint
 from tarflow.errors import UserError
@@ -41,7 +39,7 @@ from tarflow.sampling import BlockSolver, make_noise, sample, segment_bounds, st
 from tarflow.schedule import resolve_schedule
 from tarflow.settings import DTYPES, SamplingSettings
 
-from .timing import device_info, summarize, synchronize, timed
+from tuner.measure.timing import device_info, summarize, synchronize, timed
 
 AFHQ = TarFlowConfig(img_size=256, in_channels=3, patch_size=8, channels=768, num_blocks=8,
                      layers_per_block=8, head_dim=64, num_classes=0)
@@ -49,7 +47,6 @@ QUICK = TarFlowConfig(img_size=32, in_channels=3, patch_size=4, channels=64, num
                       layers_per_block=2, head_dim=32, num_classes=0)  # T = 64: seconds on a CPU
 ROUND_S = 0.05  # aim of one timed round; calls per round are sized from a first call
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
 
 def per_call(fn, device, rounds: int = 3) -> float:
@@ -148,22 +145,6 @@ def bare_seconds(model: TarFlow, spans: dict[int, int], solvers: list, device) -
     return total
 
 
-def step_table(doc: dict):
-    from rich.table import Table
-
-    table = Table(title=f"T={doc['T']}, D={doc['D']}, {doc['dtype']} on {doc['device_name']}")
-    table.caption = "L: tokens per call; x step: eager time over the eager token step at that batch"
-    for col in ("batch", "what", "L", "start", "eager ms", "static ms", "x step", "peak MiB"):
-        table.add_column(col, justify="right")
-    step = {r["batch"]: r["eager_s"] for r in doc["rows"] if r["what"] == "token step"}
-    for r in doc["rows"]:
-        ms = lambda s: "-" if s is None else f"{s * 1e3:.3f}"
-        table.add_row(str(r["batch"]), r["what"], str(r["tokens"]), str(r["start"]), ms(r["eager_s"]),
-                      ms(r["static_s"]), f"{r['eager_s'] / step[r['batch']]:.1f}",
-                      "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}")
-    return table
-
-
 def parse_batches(text: str) -> list[int]:
     try:
         out = [int(v) for v in text.split(",") if v.strip()]
@@ -189,20 +170,12 @@ def write(doc: dict, out: Optional[Path]) -> None:
         atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
 
 
-@app.command()
-def steps(
-    device: str = typer.Option("cuda", help="cpu or cuda"),
-    dtype: str = typer.Option("bfloat16", help="float32, bfloat16, float16 or float64"),
-    batch: str = typer.Option("1,16,64", help="comma list of batch sizes"),
-    quick: bool = typer.Option(False, help="a small shape (T=64, width 64, 2x2 layers) that runs in seconds"),
-    compile: bool = typer.Option(False, help="torch.compile the static step"),
-    out: Optional[Path] = typer.Option(None, help="JSON written after every measurement"),
-):
-    """Step costs of an AFHQ-shaped TarFlow with random weights (see the module docstring)."""
-    from rich.console import Console
 
+def measure_steps(*, device: str, dtype: str, batches: list[int], quick: bool, compile: bool,
+                  out: Optional[Path]) -> dict:
+    """Step costs of an AFHQ-shaped TarFlow with random weights (see the module docstring); the
+    JSON is rewritten after every row so a run stopped at its budget keeps what it measured."""
     wdtype = check_device(device, dtype)
-    batches = parse_batches(batch)
     cfg = QUICK if quick else AFHQ
     torch.manual_seed(0)
     model = TarFlow(cfg).to(device, wdtype).eval()
@@ -213,23 +186,13 @@ def steps(
             for r in step_rows(model, b, device, compile):
                 doc["rows"].append(r)
                 write(doc, out)
-    Console(width=130).print(step_table(doc))
+    return doc
 
 
-@app.command()
-def graphs(
-    schedules: list[str] = typer.Argument(None, help="schedule files or built-in names (sequential is always timed)"),
-    checkpoint: Path = typer.Option(Path(__file__).resolve().parent.parent / "studies" / "mnist" / "model.pth"),
-    device: str = typer.Option("cuda", help="cpu or cuda"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or float64"),
-    batch: int = typer.Option(16, min=1), repeats: int = typer.Option(5, min=1), seed: int = 0,
-    compile: bool = typer.Option(False, help="also time the torch.compile'd static step"),
-    out: Optional[Path] = typer.Option(None, help="JSON written after every measurement"),
-):
-    """`sample` latency with the eager solver and the static-buffer / CUDA-graph one."""
-    from rich.console import Console
-    from rich.table import Table
-
+def measure_graphs(schedules: list[str], *, checkpoint: Path, device: str, dtype: str, batch: int,
+                   repeats: int, seed: int, compile: bool, out: Optional[Path]) -> dict:
+    """`sample` latency per schedule with the eager solver and the static-buffer / CUDA-graph
+    one, the largest difference between their samples, and the bare-pass time of each run."""
     wdtype = check_device(device, dtype)
     model = load_checkpoint(checkpoint, device=device, dtype=wdtype)
     settings = SamplingSettings(dtype=dtype)
@@ -242,7 +205,7 @@ def graphs(
     bare = [cls(model.blocks[0], labels, batch, settings, device, wdtype) for cls in (BlockSolver, StaticSolvers())]
     doc = {"checkpoint": checkpoint.name, "batch": batch, "repeats": repeats, "dtype": dtype,
            **device_info(device), "rows": []}
-    for spec in ["sequential", *(s for s in schedules or [] if s != "sequential")]:
+    for spec in ["sequential", *(s for s in schedules if s != "sequential")]:
         sched = resolve_schedule(spec, model)
         ref = None
         for name, factory in solvers.items():
@@ -256,25 +219,4 @@ def graphs(
                                 "spans": spans, "bare_s": None if spans is None else bare_seconds(model, spans, bare, device),
                                 "max_abs_diff_vs_eager": (x - ref).abs().max().item()})
             write(doc, out)
-    base = doc["rows"][0]["latency"]["median_s"]
-    table = Table(title=f"batch {batch}, {dtype} on {doc['device_name']}: median of {repeats}")
-    table.caption = "x bare: latency / (one bare transformer step per pass, timed alone); target <= 1.5"
-    for col in ("schedule", "solver", "median ms", "x vs eager seq", "passes", "x bare", "max |diff|"):
-        table.add_column(col, justify="right")
-    for r in doc["rows"]:
-        m = r["latency"]["median_s"]
-        table.add_row(r["schedule"], r["solver"], f"{m * 1e3:.2f}", f"{base / m:.2f}", str(r["passes"]),
-                      "-" if r["bare_s"] is None else f"{m / r['bare_s']:.2f}", f"{r['max_abs_diff_vs_eager']:.2g}")
-    Console(width=130).print(table)
-
-
-def main():  # pragma: no cover - module entry point
-    try:
-        app()  # usage errors end there, with click's message and exit code 2
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
+    return doc
