@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .io import atomic_write_bytes, atomic_write_text, read_json  # re-export: removed once tuner/ imports tarflow.io
 from .model import TarFlow, TarFlowConfig
 
 SIDECAR_KEYS = ("img_size", "in_channels", "patch_size", "head_dim")
@@ -24,39 +23,6 @@ SIDECAR_KEYS = ("img_size", "in_channels", "patch_size", "head_dim")
 
 def sidecar_path(ckpt: Path) -> Path:
     return Path(ckpt).with_suffix(".json")
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file would be, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path, what: str):
-    """A JSON file's content, or a one-line UserError: '<path>: not <what> (<why>)'."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not {what} ({e})") from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def save_checkpoint(model: TarFlow, path: Path, meta: dict | None = None) -> None:
@@ -118,7 +84,7 @@ def infer_geometry(D: int, T: int) -> dict:
         if p and side:
             return {"in_channels": C, "patch_size": p, "img_size": p * side}
     raise UserError(f"cannot infer the image geometry from token size {D} and T={T} (needs a square "
-                    "number of patches of 1 or 3 channels): pass --img-size and --patch-size")
+                    "number of patches of 1 or 3 channels): give img_size and patch_size", setting="img_size")
 
 
 def infer_config(state: dict, geometry: dict, path) -> TarFlowConfig:
@@ -140,14 +106,15 @@ def infer_config(state: dict, geometry: dict, path) -> TarFlowConfig:
     patch = int(geometry["patch_size"])
     if patch < 1 or D % (patch * patch) or D // (patch * patch) not in (1, 3):
         raise UserError(f"patch_size {patch} does not fit token size {D} of {path} "
-                        "(token size = channels x patch_size^2, channels 1 or 3)")
+                        "(token size = channels x patch_size^2, channels 1 or 3)", setting="patch_size")
     in_ch = D // (patch * patch)
     if "in_channels" in geometry and int(geometry["in_channels"]) != in_ch:
         raise UserError(f"in_channels={geometry['in_channels']} with patch_size {patch} does not give "
-                        f"token size {D} of {path} ({in_ch} channels do)")
+                        f"token size {D} of {path} ({in_ch} channels do)", setting="in_channels")
     head_dim = int(geometry.get("head_dim", DEFAULT_HEAD_DIM))
     if head_dim < 1 or C % head_dim:
-        raise UserError(f"head size {head_dim} does not divide the width {C} of {path}: pass --head-dim")
+        raise UserError(f"head size {head_dim} does not divide the width {C} of {path}: give head_dim",
+                        setting="head_dim")
     cfg = TarFlowConfig(
         img_size=int(geometry["img_size"]), in_channels=in_ch, patch_size=patch,
         channels=C, num_blocks=max(blocks) + 1, layers_per_block=max(layers) + 1,
@@ -206,8 +173,8 @@ def build_model(state: dict, *, source, name: dict | None = None, sidecar: dict 
         geometry |= picked
     missing = [k for k in ("img_size", "patch_size") if k not in geometry]
     if missing:
-        raise UserError(f"{source} does not say its {' and '.join(missing)}: pass "
-                        + " and ".join(f"--{k.replace('_', '-')}" for k in missing))
+        raise UserError(f"{source} does not say its {' and '.join(missing)}: give "
+                        + " and ".join(missing), setting=missing[0])
     cfg = infer_config(state, geometry, source)
     if name is not None:
         _check_name(name, cfg, source)

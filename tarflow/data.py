@@ -105,12 +105,31 @@ def _square(im, size: int | None):
 
 
 def to_model_space(u8: np.ndarray) -> torch.Tensor:
+    """uint8 pixels 0..255 -> float32 model space [-1, 1] (u / 127.5 - 1); `to_pixels` inverts it."""
     return torch.from_numpy(u8).float() / 127.5 - 1
 
 
+UINT8_NAN = 0  # what to_uint8 writes for a NaN value: black, so a failed sample shows as a hole
+
+
+def to_pixels(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Model space -> pixel values on 0..255 as floats, unquantised, on the CPU: the one
+    conversion behind `to_uint8` and the pixel metrics (drift, RMSE), so they cannot disagree.
+
+    x is clipped to [-1, 1] first (a flow sample may overshoot), then mapped by (x + 1) * 127.5,
+    computed in `dtype` (float32 by default; float64 for metrics that want it).
+    Non-finite values: +inf and -inf clip to 255 and 0 like any other out-of-range value; NaN is
+    NOT converted and stays NaN, because no pixel value is right for it: each caller applies its
+    one stated policy (a drift metric may count it as maximal, `to_uint8` writes UINT8_NAN)."""
+    return (x.detach().cpu().to(dtype).clamp(-1, 1) + 1) * 127.5
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Model space (any float, unclipped) -> uint8 N×c×H×W."""
-    return ((x.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    """Model space (any float, unclipped) -> uint8 N×c×H×W: `to_pixels` rounded half to even.
+
+    NaN becomes UINT8_NAN (0) explicitly; casting NaN to an integer type is undefined."""
+    px = to_pixels(x).round().nan_to_num(nan=float(UINT8_NAN))
+    return px.to(torch.uint8).numpy()
 
 
 def grid_png(u8: np.ndarray, nrow: int | None = None, scale: int = 2, gap: int = 255) -> bytes:
@@ -137,7 +156,7 @@ def grid_png(u8: np.ndarray, nrow: int | None = None, scale: int = 2, gap: int =
 
 def save_grid(x: torch.Tensor, path, nrow: int | None = None, scale: int = 2) -> None:
     """Save model-space images as one PNG grid."""
-    from .checkpoint import atomic_write_bytes
+    from .io import atomic_write_bytes
 
     png = grid_png(to_uint8(x), nrow, scale)
     atomic_write_bytes(path, lambda f: f.write(png))

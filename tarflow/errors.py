@@ -1,6 +1,17 @@
 """The one exception type for bad user input; the CLI prints it as one line and exits 2."""
 
+from __future__ import annotations
+
 
 class UserError(Exception):
-    """Bad input a user can fix: the message names the problem (and, where it helps, the fix)."""
+    """Bad input a user can fix: the message names the problem (and, where it helps, the fix).
 
+    The library speaks in its own parameter names ("img_size", "force=True"), never in command-line
+    flags, because it is called from Python as often as from the CLI. `setting` is the parameter
+    the message is about (None when it is about no one parameter), so a front end can name its own
+    spelling of it (e.g. map "noise_std" to "--noise-std") without parsing the text.
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting

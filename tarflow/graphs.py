@@ -6,6 +6,8 @@ the input span, the position (a device tensor, so no Python int reaches the step
 graph, the outputs. Queries attend over the whole cache through a mask built from the position
 tensor, and the span's K/V are written with `index_copy_`. A sequential block therefore needs one
 graph (span length 1) and a Jacobi block one or two (segment lengths differ by at most one).
+The transformer and the guidance mix are the eager sampler's (`MetaBlock.run`, `tarflow.guidance`):
+this module supplies only the K/V writer and the buffers, so the two paths cannot drift apart.
 
 Execution: eagerly on CPU (what the tests compare with BlockSolver), or on CUDA with
 `graphs=True` one `torch.cuda.CUDAGraph` captured per span length on first use and replayed
@@ -27,27 +29,13 @@ beyond that at most. `tests/test_gpu_prep.py` counts the reads the current sampl
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .model import Attention, MetaBlock, layer_norm
+from .guidance import guide
+from .model import MetaBlock
 from .sampling import BlockSolver, state_dtype
 from .settings import SamplingSettings
 
 WARMUP = 2  # eager runs on a side stream before a capture (cuBLAS/cuDNN workspaces, lazy init)
-
-
-def static_attention(att: Attention, h, mask, idx, k_buf, v_buf, q_scale=None):
-    """Attention of span h (B, L, C) at positions idx (L,) against the full cache (B, H, T, d).
-
-    The span's K/V are written in place first; `mask` (L, T) hides the positions after each query."""
-    B, L, C = h.shape
-    q, k, v = att.qkv(layer_norm(att.norm, h)).view(B, L, 3 * att.num_heads, att.head_dim).transpose(1, 2).chunk(3, dim=1)
-    k_buf.index_copy_(2, idx, k.nan_to_num(0.0, 0.0, 0.0))
-    v_buf.index_copy_(2, idx, v.nan_to_num(0.0, 0.0, 0.0))
-    if q_scale is not None:
-        q = q * q_scale
-    y = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=mask)  # (B, H, L, d)
-    return att.proj(y.transpose(1, 2).reshape(B, L, C))
 
 
 def allow_recompiles(limit: int = 64) -> None:
@@ -98,23 +86,27 @@ class StaticSolver(BlockSolver):
         self.class_emb.copy_(self.block.class_embedding(y, rows))
 
     def step(self, x):
-        """(a, b) stacked as (2, n, L, D) for the span in buffer x at position buffer `start`."""
+        """(a, b) stacked as (2, n, L, D) for the span in buffer x at position buffer `start`.
+
+        The transformer is `MetaBlock.run`, as in the eager sampler; only the K/V writer differs:
+        `index_copy_` at device-side positions into the full-length cache, queries masked to the
+        positions up to their own (so every tensor has a static shape)."""
         block, L = self.block, x.shape[1]
         if self.guided:
             x = x.repeat(2, 1, 1)
         idx = self.start + self.positions[:L]  # (L,) positions of the span
         mask = self.positions[None, :] <= idx[:, None]  # (L, T): each query sees keys up to itself
-        h = block.proj_in(x.to(self.dtype)) + self.pos.index_select(0, idx)
-        if self.class_emb is not None:
-            h = h + self.class_emb
-        for i, layer in enumerate(block.attn_blocks):
-            h = h + static_attention(layer.attention, h, mask, idx, self.cache.k[i], self.cache.v[i], self.q_scale)
-            h = h + layer.mlp(h)
-        a, b = (t.to(self.state_dtype) for t in block.split(block.proj_out(h)))
+
+        def write(i, k, v):
+            k_buf, v_buf = self.cache.k[i], self.cache.v[i]
+            k_buf.index_copy_(2, idx, k.nan_to_num(0.0, 0.0, 0.0))  # see "Differences" above
+            v_buf.index_copy_(2, idx, v.nan_to_num(0.0, 0.0, 0.0))
+            return k_buf, v_buf, mask
+
+        out = block.run(x.to(self.dtype), self.pos.index_select(0, idx), self.class_emb, write, self.q_scale)
+        a, b = (t.to(self.state_dtype) for t in out)
         if self.guided:
-            w = self.w.index_select(1, idx)
-            (ac, au), (bc, bu) = a.chunk(2), b.chunk(2)
-            a, b = ac + w * (ac - au), bc + w * (bc - bu)
+            a, b = guide(a, b, self.w.index_select(1, idx))
         return torch.stack([a, b])
 
     def params(self, x_span, start: int):

@@ -7,8 +7,12 @@ block's own token order (identity for even block index, flipped for odd), token 
 
 where (a_t, b_t) is the transformer's output at position t-1 (outputs are shifted by one token).
 Parameter and buffer names follow the official TarFlow checkpoints key for key, so their `.pth`
-state_dicts load unchanged. The sampling-time step (`MetaBlock.step`) runs a contiguous span of
-query positions against a preallocated K/V cache, which both samplers share.
+state_dicts load unchanged.
+
+The transformer is written once, in `MetaBlock.run`: training (`transform_params`), the eager
+sampler (`MetaBlock.step`, K/V written by slice into a `KVCache`) and the static-buffer / CUDA-graph
+solver (`tarflow.graphs`, K/V written by `index_copy_`) differ only in the `KVWriter` they pass,
+so the three cannot drift apart numerically.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +58,11 @@ def exp_fp32(a):
     return torch.exp(a if a.dtype == torch.float64 else a.float()).type(a.dtype)
 
 
+def shift_one(t):
+    """Outputs at positions 0..T-2 become the parameters of tokens 1..T-1; token 0 gets zeros."""
+    return torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1)
+
+
 def layer_norm(norm: nn.LayerNorm, x):
     """LayerNorm computed in at least float32 (keeps half-precision sampling stable)."""
     if x.dtype == torch.float64:
@@ -74,6 +85,11 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
 
+# A KV writer stores one layer's keys and values of the span being run and says what the span's
+# queries attend over: write_kv(layer, k, v) -> (keys, values, mask or None), k and v (B, H, L, d).
+KVWriter = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]]
+
+
 class Attention(nn.Module):
     def __init__(self, channels: int, head_dim: int):
         super().__init__()
@@ -85,22 +101,17 @@ class Attention(nn.Module):
         self.num_heads = channels // head_dim
         self.head_dim = head_dim
 
-    def forward(self, x, mask, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0, q_scale: torch.Tensor | None = None):
-        """Causal self-attention over x (B, L, C) sitting at positions [start, start + L).
+    def forward(self, x, write_kv, q_scale: torch.Tensor | None = None):
+        """Causal self-attention of the span x (B, L, C).
 
-        With a cache, this span's K/V are written into it and queries attend to every cached
-        position before start + L. `q_scale` (B, 1, 1, 1) divides nothing but the logits of
-        selected rows: it implements the attention temperature of the unconditional pass.
-        """
+        `write_kv(k, v)` stores the span's K/V wherever the caller keeps them and returns the keys,
+        values and mask the queries see (training: the span's own K/V under the causal mask).
+        `q_scale` (B, 1, 1, 1) multiplies the queries of selected rows: the attention temperature
+        of the unconditional pass."""
         B, L, C = x.shape
         h = layer_norm(self.norm, x)
         q, k, v = self.qkv(h).view(B, L, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
-        if cache is not None:
-            k_buf, v_buf = cache
-            k_buf[:, :, start:start + L] = k
-            v_buf[:, :, start:start + L] = v
-            k, v = k_buf[:, :, :start + L], v_buf[:, :, :start + L]
+        k, v, mask = write_kv(k, v)
         if q_scale is not None:
             q = q * q_scale
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, d)
@@ -127,8 +138,8 @@ class AttentionBlock(nn.Module):
         self.attention = Attention(channels, head_dim)
         self.mlp = MLP(channels, expansion)
 
-    def forward(self, x, mask, cache=None, start=0, q_scale=None):
-        x = x + self.attention(x, mask, cache, start, q_scale)
+    def forward(self, x, write_kv, q_scale=None):
+        x = x + self.attention(x, write_kv, q_scale)
         return x + self.mlp(x)
 
 
@@ -179,15 +190,23 @@ class MetaBlock(nn.Module):
 
     def transform_params(self, x, y=None):
         """Block-order tokens x (B, T, D) -> (a, b) of every token, shifted so token 0 gets (0, 0)."""
-        h = self.proj_in(x) + self.permute(self.pos_embed, 0)
-        ce = self.class_embedding(y, x.shape[0])
-        if ce is not None:
-            h = h + ce
-        for layer in self.attn_blocks:
-            h = layer(h, self.causal)
+        return self.run(x, self.permute(self.pos_embed, 0), self.class_embedding(y, x.shape[0]),
+                        lambda i, k, v: (k, v, self.causal), shift=True)
+
+    def run(self, x, pos, class_emb, write_kv: KVWriter, q_scale=None, shift: bool = False):
+        """The transformer, written once for training and both samplers.
+
+        x (B, L, D) block-order tokens, pos (L, C) their rows of the block-order position table,
+        class_emb (B, 1, C) or None; `write_kv` (see KVWriter) decides where each layer's K/V go
+        and what the queries see. Returns (a, b), each (B, L, D): position i holds the transform
+        parameters of the token after x[:, i], or with `shift` those of x[:, i] itself (zeros at 0)."""
+        h = self.proj_in(x) + pos
+        if class_emb is not None:
+            h = h + class_emb
+        for i, layer in enumerate(self.attn_blocks):
+            h = layer(h, partial(write_kv, i), q_scale)
         out = self.proj_out(h)
-        out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # shift by one token
-        return self.split(out)
+        return self.split(shift_one(out) if shift else out)
 
     def forward(self, x, y=None):
         """x (B, T, D) in image order -> (z in image order, mean log|det| per dimension)."""
@@ -200,17 +219,19 @@ class MetaBlock(nn.Module):
         """Run the transformer on block-order tokens [start, start + L) against the cache.
 
         Returns (a, b), each (B, L, D): the transform parameters of tokens start+1 .. start+L.
-        `pos_embed` is the block-order position table and `class_emb` (B, 1, C) or None.
-        """
+        `pos_embed` is the block-order position table and `class_emb` (B, 1, C) or None. The
+        span's K/V are written by slice and the queries read the cache up to start + L."""
         L = x_span.shape[1]
-        h = self.proj_in(x_span) + pos_embed[start:start + L]
-        if class_emb is not None:
-            h = h + class_emb
         # a single query sees every cached key: no mask, which lets SDPA take its fastest path
         mask = self.causal[start:start + L, :start + L] if L > 1 else None
-        for i, layer in enumerate(self.attn_blocks):
-            h = layer(h, mask, (cache.k[i], cache.v[i]), start, q_scale)
-        return self.split(self.proj_out(h))
+
+        def write(i, k, v):
+            k_buf, v_buf = cache.k[i], cache.v[i]
+            k_buf[:, :, start:start + L] = k
+            v_buf[:, :, start:start + L] = v
+            return k_buf[:, :, :start + L], v_buf[:, :, :start + L], mask
+
+        return self.run(x_span, pos_embed[start:start + L], class_emb, write, q_scale)
 
     def new_cache(self, batch: int, device, dtype) -> KVCache:
         att = self.attn_blocks[0].attention

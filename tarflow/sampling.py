@@ -4,11 +4,12 @@
 (blocks B-1 first). Each block is solved as its `BlockPlan` says: token by token with a K/V
 cache when segments = T (the exact sequential path), else segment by segment (Gauss-Seidel),
 every segment by parallel Jacobi fixed-point passes (arXiv 2505.12849). All paths share one
-K/V-cached transformer step, one definition of classifier-free guidance and the optional
-score-based denoising step, so their outputs are comparable bit for bit.
+K/V-cached transformer step (`MetaBlock.run`), one definition of classifier-free guidance
+(`tarflow.guidance`) and the optional score-based denoising step, so their outputs are comparable
+bit for bit.
 
 Conventions: noise is (N, T, D) standard normal in image token order, scaled by sqrt(var) before
-the last block is inverted (as the official `Model.reverse`). Inside a block everything runs in
+the last block is inverted (`prior_latents`, as the official `Model.reverse`). Inside a block everything runs in
 that block's token order (flipped for odd blocks). `callback`, when given, is called after each
 block with {"block": forward index, "mode": "sequential" | "jacobi", "x": block-order iterate}.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .guidance import guidance_weights, guide, query_scale
 from .model import MetaBlock, TarFlow, exp_fp32
 from .schedule import BlockPlan, Schedule
 from .settings import SamplingSettings
@@ -62,9 +64,20 @@ class SamplerStats:
 
 
 def make_noise(n: int, model: TarFlow, seed: int) -> torch.Tensor:
-    """(n, T, D) float32 standard-normal latents from a CPU generator: same on every device."""
+    """(n, T, D) float32 standard-normal latents from a CPU generator: same on every device.
+
+    Unscaled on purpose (a seed means the same noise for any model of that shape);
+    `prior_latents` applies the model's prior."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, model.cfg.num_patches, model.cfg.token_dim, generator=g)
+
+
+def prior_latents(model: TarFlow, noise) -> torch.Tensor:
+    """Standard-normal noise (N, T, D) -> latents of the model's prior N(0, var): the one place
+    the noise is scaled (as the official `Model.reverse`), on the model's device in the sampler's
+    state dtype (float32 for half-precision weights)."""
+    sdt = state_dtype(model.var.dtype)
+    return noise.to(model.var.device, sdt) * model.var.to(sdt).sqrt()
 
 
 def segment_bounds(T: int, segments: int) -> list[tuple[int, int]]:
@@ -95,15 +108,8 @@ class BlockSolver:
         if block.class_embed is not None:
             cond = block.class_embedding(labels, n)
             self.class_emb = torch.cat([cond, block.class_embedding(None, n)]) if self.guided else cond
-        self.q_scale = None
-        if self.guided and settings.attn_temp != 1.0:
-            self.q_scale = torch.ones(rows, 1, 1, 1, device=device, dtype=dtype)
-            self.q_scale[n:] = 1.0 / settings.attn_temp
-        wt = state_dtype(dtype)
-        w = torch.full((T,), settings.guidance, device=device, dtype=wt)
-        if settings.guidance_anneal:
-            w = w * torch.arange(1, T + 1, device=device, dtype=wt) / max(1, T - 1)
-        self.w = w.view(1, T, 1)
+        self.q_scale = query_scale(settings, n, device, dtype)
+        self.w = guidance_weights(settings, T, device, state_dtype(dtype))
 
     def params(self, x_span, start: int):
         """(a, b) for tokens start+1 .. start+L, writing the span's K/V into the cache.
@@ -116,9 +122,7 @@ class BlockSolver:
         a, b = self.block.step(x_span.to(self.dtype), start, self.cache, self.pos, self.class_emb, self.q_scale)
         a, b = a.to(state), b.to(state)
         if self.guided:
-            w = self.w[:, start:start + a.shape[1]]
-            (ac, au), (bc, bu) = a.chunk(2), b.chunk(2)
-            a, b = ac + w * (ac - au), bc + w * (bc - bu)
+            a, b = guide(a, b, self.w[:, start:start + a.shape[1]])
         return a, b
 
 
@@ -341,7 +345,7 @@ def sample(model: TarFlow, noise, schedule: Schedule, *, labels=None,
     if check_every is None:
         check_every = 4 if model.var.is_cuda else 1
     wdtype = model.var.dtype
-    x = noise.to(model.var.device, state_dtype(wdtype)) * model.var.to(state_dtype(wdtype)).sqrt()
+    x = prior_latents(model, noise)
     n = x.shape[0]
     if labels is not None:
         labels = labels.to(x.device)

@@ -178,7 +178,7 @@ class Schedule:
         if not force and self.fingerprint is not None and fp is not None and self.fingerprint != fp:
             what = "architecture" if self.fingerprint.get("arch") != fp.get("arch") else "weights"
             raise UserError(f"schedule '{self.name}' was made for another model ({what} differ); "
-                            "use --force to run it anyway")
+                            "pass force=True to run it anyway", setting="force")
 
     @property
     def sampling(self) -> SamplingSettings | None:

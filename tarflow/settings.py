@@ -43,12 +43,14 @@ class SamplingSettings:
         for name, lo in (("guidance", 0.0), ("denoise_std", 0.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
-                raise UserError(f"sampling setting {name} must be a finite number >= {lo:g}, got {v!r}")
+                raise UserError(f"sampling setting {name} must be a finite number >= {lo:g}, got {v!r}",
+                                setting=name)
         t = self.attn_temp
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise UserError(f"sampling setting attn_temp must be a finite number > 0, got {t!r}")
+            raise UserError(f"sampling setting attn_temp must be a finite number > 0, got {t!r}",
+                            setting="attn_temp")
         if self.dtype not in DTYPES:
-            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}", setting="dtype")
         object.__setattr__(self, "guidance", float(self.guidance))
         object.__setattr__(self, "attn_temp", float(self.attn_temp))
         object.__setattr__(self, "denoise_std", float(self.denoise_std))
@@ -84,12 +86,14 @@ class SamplingSettings:
         """Refuse settings the model cannot honour (guidance or class labels on an unconditional model)."""
         K = model.cfg.num_classes
         if not K and self.guided:
-            raise UserError("guidance needs a class-conditional model (this one has no class_embed)")
+            raise UserError("guidance needs a class-conditional model (this one has no class_embed)",
+                            setting="guidance")
         if self.labels not in LABEL_POLICIES:
             bad = [v for v in _label_list(self.labels) if v >= K or (not K and v != -1)]
             if bad:
                 raise UserError(f"labels {self.labels!r}: class {bad[0]} is outside 0..{K - 1}"
-                                if K else "this model is unconditional: class labels are not accepted")
+                                if K else "this model is unconditional: class labels are not accepted",
+                                setting="labels")
 
     def make_labels(self, n: int, model, seed: int = 0) -> torch.Tensor | None:
         """Class labels for n samples under this policy; None for an unconditional model.
@@ -116,7 +120,7 @@ def _label_list(spec: str) -> list[int]:
         vals = []
     if not vals or any(v < -1 for v in vals):
         raise UserError(f"labels must be balanced, random, uncond or a comma list of class "
-                        f"indices (-1 = unconditional), got {spec!r}")
+                        f"indices (-1 = unconditional), got {spec!r}", setting="labels")
     return vals
 
 
@@ -143,21 +147,22 @@ class SamplingRequest:
         """Precision to load the model in (needed before the model exists)."""
         name = self.dtype or (recorded.dtype if recorded else "float32")
         if name not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}", setting="dtype")
         return DTYPES[name]
 
     def resolve(self, *, recorded: SamplingSettings | None = None,
                 training_noise_std: float | None = None) -> SamplingSettings:
         base = recorded or SamplingSettings()
         if self.noise_std is not None and not (self.denoise or (self.denoise is None and base.denoise_std > 0)):
-            raise UserError("--noise-std sets the denoising step's noise level: add --denoise")
+            raise UserError("noise_std sets the denoising step's noise level: it needs denoise=True",
+                            setting="noise_std")
         if self.denoise is False:
             denoise_std = 0.0
         elif self.denoise:
             denoise_std = self.noise_std if self.noise_std is not None else training_noise_std
             if denoise_std is None:
-                raise UserError("--denoise needs --noise-std: the checkpoint does not state its "
-                                "training noise (no sidecar, and no number in an official file name)")
+                raise UserError("denoise needs noise_std: the checkpoint does not state its training noise "
+                                "(no sidecar, and no number in an official file name)", setting="noise_std")
         else:
             denoise_std = self.noise_std if self.noise_std is not None else base.denoise_std
         return base.with_(labels=self.labels, guidance=self.guidance, guidance_anneal=self.guidance_anneal,

@@ -1,4 +1,8 @@
-"""Maximum-likelihood training of a small TarFlow (AdamW, warm-up + cosine, noise augmentation)."""
+"""Maximum-likelihood training of a small TarFlow (AdamW, warm-up + cosine, noise augmentation).
+
+`train` prints nothing and draws no progress bar: it is a library function, and a front end (the
+CLI's bar, a notebook, a log file) gets every step through the `progress` callback instead.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,20 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .checkpoint import atomic_write_bytes, save_checkpoint
+from .checkpoint import save_checkpoint
 from .data import load_images, to_model_space
 from .errors import UserError
+from .io import atomic_write_bytes
 from .model import TarFlow, TarFlowConfig
+
+# progress(step, total, metrics) after every optimiser step; step counts from 1 (resumed runs
+# continue the count), metrics: see `train`
+Progress = Callable[[int, int, dict], None]
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 
 def state_path(out: Path) -> Path:
-    """Optimizer/generator state beside the checkpoint: `--resume` continues (or extends) a run."""
+    """Optimizer/generator state beside the checkpoint: `resume=True` continues (or extends) a run."""
     return out.with_suffix(".train.pt")
 
 
@@ -54,23 +63,68 @@ def _read_state(path: Path) -> dict:
     return st
 
 
-def train(data_path, out: Path, cfg: TarFlowConfig, tc: TrainConfig, *, resume: bool = False,
-          device="cpu", quiet: bool = False) -> TarFlow:
-    out = Path(out)
+def _training_data(data_path, cfg: TarFlowConfig):
+    """(config fitted to the images' channels and size, model-space images, labels or None)."""
     u8, labels = load_images(data_path)
     if cfg.num_classes and labels is None:
-        raise UserError(f"{data_path} has no labels; train unconditionally with --classes 0")
+        raise UserError(f"{data_path} has no labels; train unconditionally with num_classes=0",
+                        setting="num_classes")
     if u8.shape[1] != cfg.in_channels or u8.shape[2] != cfg.img_size:
         cfg = TarFlowConfig(**(cfg.to_dict() | {"in_channels": u8.shape[1], "img_size": u8.shape[2]}))
     if cfg.img_size % cfg.patch_size:
-        raise UserError(f"patch size {cfg.patch_size} does not divide image size {cfg.img_size}")
-    x_all = to_model_space(u8)
-    y_all = torch.from_numpy(labels) if labels is not None else None
+        raise UserError(f"patch size {cfg.patch_size} does not divide image size {cfg.img_size}",
+                        setting="patch_size")
+    return cfg, to_model_space(u8), torch.from_numpy(labels) if labels is not None else None
 
+
+def _step(model: TarFlow, opt, gen, x_all, y_all, step: int, tc: TrainConfig, device):
+    """One optimiser step on a fresh batch (noise-augmented, labels dropped for guidance); returns
+    the loss tensor. Every random draw comes from `gen`, so a resumed run repeats it exactly."""
+    idx = torch.randint(len(x_all), (tc.batch,), generator=gen)
+    x = x_all[idx].to(device)
+    x = x + tc.noise_std * torch.randn(x.shape, generator=gen).to(device)
+    y = None
+    if y_all is not None and model.cfg.num_classes:
+        y = y_all[idx].to(device)
+        drop = torch.rand(tc.batch, generator=gen).to(device) < tc.drop_label
+        y = torch.where(drop, torch.full_like(y, -1), y)
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, tc)
+    z, _, logdet = model(x, y)
+    loss = model.nll(z, logdet)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    model.update_prior(z)
+    return loss.detach()
+
+
+def _save(model: TarFlow, opt, gen, step: int, out: Path, tc: TrainConfig, data_path) -> None:
+    """The checkpoint (+ sidecar) and the resume state beside it."""
+    meta = {"train": tc.__dict__ | {"steps_done": step, "data": Path(data_path).name}}
+    save_checkpoint(model, out, meta)
+    st = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step}
+    atomic_write_bytes(state_path(out), lambda f: torch.save(st, f))
+
+
+def train(data_path, out: Path, cfg: TarFlowConfig, tc: TrainConfig, *, resume: bool = False,
+          device="cpu", progress: Progress | None = None, quiet: bool = False) -> TarFlow:
+    """Train on `data_path` (see `load_images`), checkpointing to `out` every tc.ckpt_every steps
+    and at the end; returns the model in eval mode. Prints nothing.
+
+    resume: continue from `state_path(out)` when it exists (the same steps, bit for bit).
+    progress(step, total, metrics), when given, is called after every step: step 1..total,
+    total = tc.steps, metrics = {"loss": mean NLL in nats/dim, "bpd": bits/dim on the 0..255
+    scale, "lr": the step's learning rate, "start": the step this call began at (> 0 when
+    resumed), "elapsed": seconds since this call began, "saved": whether a checkpoint was just
+    written}. Without it no loss is read back from the device.
+    quiet: ignored (train never prints); kept only until callers stop passing it."""
+    out = Path(out)
+    cfg, x_all, y_all = _training_data(data_path, cfg)
     torch.manual_seed(tc.seed)
     model = TarFlow(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95),
-                            weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)
     step = 0
     if resume and state_path(out).is_file():
@@ -79,46 +133,19 @@ def train(data_path, out: Path, cfg: TarFlowConfig, tc: TrainConfig, *, resume: 
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         step = st["step"]
-        if not quiet:
-            print(f"resuming from step {step}")
-
-    def checkpoint():
-        meta = {"train": tc.__dict__ | {"steps_done": step, "data": Path(data_path).name}}
-        save_checkpoint(model, out, meta)
-        st = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-              "step": step}
-        atomic_write_bytes(state_path(out), lambda f: torch.save(st, f))
-
-    t0 = time.time()
-    with Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=quiet) as prog:
-        task = prog.add_task("train", total=tc.steps, completed=step, info="")
-        model.train()
-        while step < tc.steps:
-            idx = torch.randint(len(x_all), (tc.batch,), generator=gen)
-            x = x_all[idx].to(device)
-            x = x + tc.noise_std * torch.randn(x.shape, generator=gen).to(device)
-            y = None
-            if y_all is not None and cfg.num_classes:
-                y = y_all[idx].to(device)
-                drop = torch.rand(tc.batch, generator=gen).to(device) < tc.drop_label
-                y = torch.where(drop, torch.full_like(y, -1), y)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, tc)
-            z, _, logdet = model(x, y)
-            loss = model.nll(z, logdet)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            model.update_prior(z)
-            step += 1
-            bpd = (loss.item() + math.log(127.5)) / math.log(2)
-            prog.update(task, completed=step, info=f"bits/dim {bpd:.3f}")
-            if step % tc.ckpt_every == 0 or step == tc.steps:
-                checkpoint()
-    if not quiet:
-        print(f"trained {step} steps in {time.time() - t0:.0f} s -> {out}")
+    start, t0 = step, time.perf_counter()
+    model.train()
+    while step < tc.steps:
+        loss = _step(model, opt, gen, x_all, y_all, step, tc, device)
+        step += 1
+        saved = step % tc.ckpt_every == 0 or step == tc.steps
+        if saved:
+            _save(model, opt, gen, step, out, tc, data_path)
+        if progress is not None:
+            nats = loss.item()
+            progress(step, tc.steps, {"loss": nats, "bpd": (nats + math.log(127.5)) / math.log(2),
+                                      "lr": lr_at(step - 1, tc), "start": start,
+                                      "elapsed": time.perf_counter() - t0, "saved": saved})
     return model.eval()
 
 

@@ -61,7 +61,7 @@ def test_every_builtin_spec_error_is_one_line_exit_2(tmp_path, spec, text):
 @pytest.mark.parametrize("args,text", [
     (["--guidance", "-1"], "guidance must be"), (["--dtype", "float8"], "--dtype must be one of"),
     (["--labels", "12"], "class 12 is outside 0..9"), (["--labels", "a,b"], "labels must be"),
-    (["--attn-temp", "0"], "attn_temp must be"), (["--noise-std", "0.1"], "add --denoise"),
+    (["--attn-temp", "0"], "--attn-temp must be"), (["--noise-std", "0.1"], "add --denoise"),
 ])
 def test_bad_sampling_options_are_one_line_exit_2(tmp_path, args, text):
     one_line_error(run("sample", "--n", 1, *args, "--out", tmp_path / "s"), text)

@@ -13,7 +13,9 @@ from tarflow.schedule import Schedule, resolve_schedule
 from tarflow.settings import SamplingSettings
 from tuner.cli import app
 from tuner.quality.paired import paired_proxy
-from tuner.search.run import Objective, TuneConfig
+from tuner.search.config import TuneConfig
+from tuner.search.seeds import seed_schedules
+from tuner.search.space import SearchSpace
 from tuner.search.space import TOL_CHOICES
 
 from .conftest import TINY_STUDY_ARGS
@@ -106,8 +108,8 @@ def test_seed_schedules_lie_in_the_search_space(model):
 
     x, _ = calibration_batch(CALIB, 16, 0, model)
     prof = run_profile(model, x, None, curve_n=4)
-    obj = Objective(model, prof, TuneConfig(), "cpu", None, None)
-    seeds = obj.seed_schedules()
+    space = SearchSpace.for_model(model, prof, TuneConfig().modes)
+    seeds = seed_schedules(model, prof, space, TuneConfig().modes)
     T = model.cfg.num_patches
     assert all(p.segments == T for p in seeds["sequential"].plans)
     tough = prof.blocks.sort_values("crm_share").block.iloc[-1]
@@ -116,6 +118,6 @@ def test_seed_schedules_lie_in_the_search_space(model):
     assert seeds["sejd"].plans[0].segments == T
     assert {p.mode for p in seeds["frontier"].plans} == {"frontier"} and seeds["frontier"].plans[0].window == 49
     for s in seeds.values():
-        params = obj.space.params_of(s)
+        params = space.params_of(s)
         assert params["tol"] in TOL_CHOICES
-        assert obj.space.schedule_from_params(params).plans == s.plans
+        assert space.schedule_from_params(params).plans == s.plans

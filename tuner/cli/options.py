@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -20,12 +21,23 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {as_flags(e)}", err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
     return wrapper
+
+
+def as_flags(e: UserError) -> str:
+    """The library names its settings (`img_size`, `force=True`); on the command line the user
+    typed flags, so the settings an error is about (`e.setting`, comma-separated) are shown as
+    their flags (`--img-size`, `--force`)."""
+    text = str(e)
+    for name in filter(None, (s.strip() for s in (getattr(e, "setting", None) or "").split(","))):
+        flag = "--" + name.replace("_", "-")
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}(=True)?(?![\w])", flag, text)
+    return text
 
 
 def _inject(group: str, params: list[inspect.Parameter], build):

@@ -51,7 +51,8 @@ def tune(
 ):
     """Search the fastest per-block schedule within an FID tolerance; writes schedule.json."""
     from tuner.quality.extractors import default_extractor
-    from tuner.search.run import TuneConfig, tune as run_tune
+    from tuner.search.config import TuneConfig
+    from tuner.search.run import tune as run_tune
 
     if (out / "schedule.json").exists() and not (resume or overwrite):
         raise UserError(f"{out} already holds schedule.json; pass --resume, --overwrite or another --out")

@@ -8,6 +8,10 @@ or runs the model (the pictures were sampled by `tune`).
 Modules: `study` reads the folder into typed objects, `figures` draws (plotly), `tables` and
 `sections` write the HTML. Sections: summary, profile, search, schedules compared, samples, how
 to use. A section whose input is missing shows a note instead.
+
+May import tuner.search (space, summary, objectives: trials are decoded through the search
+space, units come from the objective), tuner.measure, tuner.quality, tuner.bundled and tarflow;
+never tuner.cli.
 """
 
 from __future__ import annotations

@@ -63,8 +63,7 @@ def study_config(cfg, model, device) -> dict:
     """What makes trials comparable: a study resumed with anything else would mix them."""
     return {"model_sha256": model.fingerprint["weights_sha256"], "batch": cfg.batch,
             "objective": cfg.objective, "max_drift": cfg.max_drift, "modes": list(cfg.modes),
-            "device": (device_info(device)["device_name"] if cfg.objective == "latency" else
-                       cfg.cost_model.device["device_name"] if cfg.objective.startswith("cost:") else None),
+            "device": cfg.goal.device_name(device_info(device)["device_name"]),
             "tolerance": cfg.tolerance, "extractor": cfg.extractor, "n": cfg.n, "seed": cfg.seed,
             "sampling": cfg.sampling.to_dict()}
 
