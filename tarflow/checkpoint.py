@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .io import atomic_write_bytes, atomic_write_text, read_json  # re-export: removed once tuner/ imports tarflow.io
+from .io import atomic_write_bytes, atomic_write_text, read_json  # noqa: F401  (re-export until tuner imports tarflow.io)
 from .model import TarFlow, TarFlowConfig
 
 SIDECAR_KEYS = ("img_size", "in_channels", "patch_size", "head_dim")
@@ -84,7 +84,8 @@ def infer_geometry(D: int, T: int) -> dict:
         if p and side:
             return {"in_channels": C, "patch_size": p, "img_size": p * side}
     raise UserError(f"cannot infer the image geometry from token size {D} and T={T} (needs a square "
-                    "number of patches of 1 or 3 channels): give img_size and patch_size", setting="img_size")
+                    "number of patches of 1 or 3 channels): give img_size and patch_size",
+                    setting="img_size,patch_size")
 
 
 def infer_config(state: dict, geometry: dict, path) -> TarFlowConfig:
@@ -106,7 +107,7 @@ def infer_config(state: dict, geometry: dict, path) -> TarFlowConfig:
     patch = int(geometry["patch_size"])
     if patch < 1 or D % (patch * patch) or D // (patch * patch) not in (1, 3):
         raise UserError(f"patch_size {patch} does not fit token size {D} of {path} "
-                        "(token size = channels x patch_size^2, channels 1 or 3)", setting="patch_size")
+                        "(token size = channels x patch area, channels 1 or 3)", setting="patch_size")
     in_ch = D // (patch * patch)
     if "in_channels" in geometry and int(geometry["in_channels"]) != in_ch:
         raise UserError(f"in_channels={geometry['in_channels']} with patch_size {patch} does not give "
@@ -173,8 +174,9 @@ def build_model(state: dict, *, source, name: dict | None = None, sidecar: dict 
         geometry |= picked
     missing = [k for k in ("img_size", "patch_size") if k not in geometry]
     if missing:
-        raise UserError(f"{source} does not say its {' and '.join(missing)}: give "
-                        + " and ".join(missing), setting=missing[0])
+        words = {"img_size": "image size", "patch_size": "patch size"}
+        raise UserError(f"{source} does not say its {' and '.join(words[k] for k in missing)}: give "
+                        + " and ".join(missing), setting=",".join(missing))
     cfg = infer_config(state, geometry, source)
     if name is not None:
         _check_name(name, cfg, source)

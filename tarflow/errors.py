@@ -7,9 +7,10 @@ class UserError(Exception):
     """Bad input a user can fix: the message names the problem (and, where it helps, the fix).
 
     The library speaks in its own parameter names ("img_size", "force=True"), never in command-line
-    flags, because it is called from Python as often as from the CLI. `setting` is the parameter
-    the message is about (None when it is about no one parameter), so a front end can name its own
-    spelling of it (e.g. map "noise_std" to "--noise-std") without parsing the text.
+    flags, because it is called from Python as often as from the CLI. `setting` names the
+    parameter(s) the message is about, comma-separated in the order the message names them
+    ("denoise,noise_std"; None when it is about no parameter), so a front end can show its own
+    spelling of each (e.g. "noise_std" as "--noise-std", "force=True" as "--force").
     """
 
     def __init__(self, message: str, *, setting: str | None = None):

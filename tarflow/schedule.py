@@ -212,7 +212,7 @@ def _plan(where: str, *args, **kwargs) -> BlockPlan:
     try:
         return BlockPlan(*args, **kwargs)
     except UserError as e:
-        raise UserError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {e}", setting=e.setting) from None
 
 
 # --- built-in named schedules -----------------------------------------------------------

@@ -92,7 +92,7 @@ class SamplingSettings:
             bad = [v for v in _label_list(self.labels) if v >= K or (not K and v != -1)]
             if bad:
                 raise UserError(f"labels {self.labels!r}: class {bad[0]} is outside 0..{K - 1}"
-                                if K else "this model is unconditional: class labels are not accepted",
+                                if K else "this model is unconditional: labels (class indices) are not accepted",
                                 setting="labels")
 
     def make_labels(self, n: int, model, seed: int = 0) -> torch.Tensor | None:
@@ -154,15 +154,15 @@ class SamplingRequest:
                 training_noise_std: float | None = None) -> SamplingSettings:
         base = recorded or SamplingSettings()
         if self.noise_std is not None and not (self.denoise or (self.denoise is None and base.denoise_std > 0)):
-            raise UserError("noise_std sets the denoising step's noise level: it needs denoise=True",
-                            setting="noise_std")
+            raise UserError("noise_std sets the denoising step's noise level: add denoise=True",
+                            setting="noise_std,denoise")
         if self.denoise is False:
             denoise_std = 0.0
         elif self.denoise:
             denoise_std = self.noise_std if self.noise_std is not None else training_noise_std
             if denoise_std is None:
                 raise UserError("denoise needs noise_std: the checkpoint does not state its training noise "
-                                "(no sidecar, and no number in an official file name)", setting="noise_std")
+                                "(no sidecar, and no number in an official file name)", setting="denoise,noise_std")
         else:
             denoise_std = self.noise_std if self.noise_std is not None else base.denoise_std
         return base.with_(labels=self.labels, guidance=self.guidance, guidance_anneal=self.guidance_anneal,

@@ -72,7 +72,7 @@ def _training_data(data_path, cfg: TarFlowConfig):
     if u8.shape[1] != cfg.in_channels or u8.shape[2] != cfg.img_size:
         cfg = TarFlowConfig(**(cfg.to_dict() | {"in_channels": u8.shape[1], "img_size": u8.shape[2]}))
     if cfg.img_size % cfg.patch_size:
-        raise UserError(f"patch size {cfg.patch_size} does not divide image size {cfg.img_size}",
+        raise UserError(f"patch_size {cfg.patch_size} does not divide the image size {cfg.img_size}",
                         setting="patch_size")
     return cfg, to_model_space(u8), torch.from_numpy(labels) if labels is not None else None
 
@@ -109,7 +109,7 @@ def _save(model: TarFlow, opt, gen, step: int, out: Path, tc: TrainConfig, data_
 
 
 def train(data_path, out: Path, cfg: TarFlowConfig, tc: TrainConfig, *, resume: bool = False,
-          device="cpu", progress: Progress | None = None, quiet: bool = False) -> TarFlow:
+          device="cpu", progress: Progress | None = None) -> TarFlow:
     """Train on `data_path` (see `load_images`), checkpointing to `out` every tc.ckpt_every steps
     and at the end; returns the model in eval mode. Prints nothing.
 
@@ -118,8 +118,7 @@ def train(data_path, out: Path, cfg: TarFlowConfig, tc: TrainConfig, *, resume: 
     total = tc.steps, metrics = {"loss": mean NLL in nats/dim, "bpd": bits/dim on the 0..255
     scale, "lr": the step's learning rate, "start": the step this call began at (> 0 when
     resumed), "elapsed": seconds since this call began, "saved": whether a checkpoint was just
-    written}. Without it no loss is read back from the device.
-    quiet: ignored (train never prints); kept only until callers stop passing it."""
+    written}. Without it no loss is read back from the device."""
     out = Path(out)
     cfg, x_all, y_all = _training_data(data_path, cfg)
     torch.manual_seed(tc.seed)

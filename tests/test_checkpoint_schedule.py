@@ -152,7 +152,7 @@ def test_schedule_refuses_wrong_block_count_malformed_json_and_other_models(mode
     d = _doc(model)
     d["fingerprint"]["weights_sha256"] = "0" * 64
     (tmp_path / "other.json").write_text(json.dumps(d))
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(UserError, match="force=True"):
         resolve_schedule(str(tmp_path / "other.json"), model)
     assert resolve_schedule(str(tmp_path / "other.json"), model, force=True).plans
 

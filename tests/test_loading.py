@@ -161,9 +161,9 @@ def test_resume_state_is_loaded_without_running_code_and_resume_is_exact(tmp_pat
     cfg = TarFlowConfig(img_size=8, patch_size=2, channels=32, head_dim=16, num_blocks=2,
                         layers_per_block=1, num_classes=3)
     tc = lambda n: TrainConfig(steps=n, batch=8, warmup=1, ckpt_every=2)  # noqa: E731
-    straight = train(tmp_path / "x.npz", tmp_path / "a.pth", cfg, tc(4), quiet=True)
-    train(tmp_path / "x.npz", tmp_path / "b.pth", cfg, tc(2), quiet=True)
-    resumed = train(tmp_path / "x.npz", tmp_path / "b.pth", cfg, tc(4), resume=True, quiet=True)
+    straight = train(tmp_path / "x.npz", tmp_path / "a.pth", cfg, tc(4))
+    train(tmp_path / "x.npz", tmp_path / "b.pth", cfg, tc(2))
+    resumed = train(tmp_path / "x.npz", tmp_path / "b.pth", cfg, tc(4), resume=True)
     for k, v in straight.state_dict().items():  # 2 + 2 steps are the 4 steps, bit for bit
         assert torch.equal(v, resumed.state_dict()[k]), k
     st = torch.load(state_path(tmp_path / "b.pth"), weights_only=True)

@@ -29,13 +29,16 @@ def user_errors(fn):
     return wrapper
 
 
+FLAG_OF = {"num_classes": "--classes", "denoise_std": "--noise-std"}  # where a flag is not the setting's name
+
+
 def as_flags(e: UserError) -> str:
     """The library names its settings (`img_size`, `force=True`); on the command line the user
     typed flags, so the settings an error is about (`e.setting`, comma-separated) are shown as
     their flags (`--img-size`, `--force`)."""
     text = str(e)
     for name in filter(None, (s.strip() for s in (getattr(e, "setting", None) or "").split(","))):
-        flag = "--" + name.replace("_", "-")
+        flag = FLAG_OF.get(name, "--" + name.replace("_", "-"))
         text = re.sub(rf"(?<![\w-]){re.escape(name)}(=True)?(?![\w])", flag, text)
     return text
 

@@ -9,7 +9,28 @@ from typing import Optional
 import typer
 
 from tuner.cli.app import app
-from tuner.cli.options import ensure_writable, user_errors
+from tuner.cli.options import ensure_writable, progress_bar, user_errors
+
+
+class TrainBar:
+    """Draws training progress from `tarflow.train`'s callback; the bar appears with the first
+    step, so an input error before training is still the only line printed."""
+
+    def __init__(self):
+        self.prog = self.task = None
+
+    def __call__(self, step: int, total: int, m: dict) -> None:
+        if self.prog is None:
+            if m["start"]:
+                typer.echo(f"resuming from step {m['start']}")
+            self.prog = progress_bar()
+            self.prog.start()
+            self.task = self.prog.add_task("train", total=total, completed=m["start"])
+        self.prog.update(self.task, completed=step, description=f"train (bits/dim {m['bpd']:.3f})")
+
+    def close(self) -> None:
+        if self.prog is not None:
+            self.prog.stop()
 
 
 @app.command()
@@ -32,7 +53,12 @@ def train(
                         layers_per_block=layers, head_dim=head_dim, num_classes=classes)
     tc = TrainConfig(steps=steps, batch=batch, lr=lr, warmup=warmup, noise_std=noise_std,
                      seed=seed, ckpt_every=ckpt_every)
-    run_train(data, out, cfg, tc, resume=resume, device=device)
+    bar = TrainBar()
+    try:
+        run_train(data, out, cfg, tc, resume=resume, device=device, progress=bar)
+    finally:
+        bar.close()
+    typer.echo(f"trained {tc.steps} steps -> {out}")
 
 
 @app.command("train-extractor")

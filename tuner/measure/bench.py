@@ -28,7 +28,9 @@ from tuner.measure.timing import device_info, summarize, timed
 def naive_sequential(model: TarFlow, noise, *, labels=None, settings: SamplingSettings = SamplingSettings()):
     """Reference-style sequential sampler, the baseline of the benchmark: K/V grown by
     `torch.cat` every step and separate conditional / unconditional passes, as public TarFlow
-    code samples. Same maths as the sequential path of `tarflow.sampling.sample`."""
+    code samples. Same maths as the sequential path of `tarflow.sampling.sample`, written out
+    again on purpose (noise prescale, guidance mix, step): it stands for the code users start
+    from, so it must not speed up when the shared step of `tarflow` does."""
     wdtype = model.var.dtype
     x = noise.to(model.var.device, state_dtype(wdtype)) * model.var.to(state_dtype(wdtype)).sqrt()
     n, T = x.shape[0], x.shape[1]

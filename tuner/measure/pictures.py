@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tarflow.checkpoint import atomic_write_bytes, atomic_write_text
+from tarflow.io import atomic_write_bytes, atomic_write_text
 from tarflow.data import grid_png, to_uint8
 from tarflow.sampling import make_noise, sample
 from tarflow.schedule import Schedule, builtin_schedule
 from tarflow.settings import SamplingSettings
+
+from tuner.quality.paired import pixel_diff, sample_drift
 
 PICTURES_JSON = "pictures.json"
 
@@ -39,10 +41,6 @@ def nice_gain(max_diff: float) -> float:
     return float(10**e)
 
 
-def _to255(x: torch.Tensor) -> torch.Tensor:
-    return (x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
-
-
 def write_pictures(model, schedule: Schedule | None, out: Path, *, settings: SamplingSettings,
                    seed: int = 0, n: int = 32) -> dict:
     """Sample and write the study's pictures; returns what pictures.json holds."""
@@ -55,8 +53,8 @@ def write_pictures(model, schedule: Schedule | None, out: Path, *, settings: Sam
             "schedule": None}
     if schedule is not None:
         x_s, st_s = sample(model, noise, schedule, labels=labels, settings=settings)
-        d = torch.nan_to_num((_to255(x_s) - _to255(x_seq)).abs(), nan=255.0)
-        drift = d.double().pow(2).flatten(1).mean(1).sqrt()  # per-sample pixel RMSE, 0-255
+        d = pixel_diff(x_s, x_seq)  # the one drift definition (NaN counts as 255 off)
+        drift = torch.from_numpy(sample_drift(d))  # per-sample pixel RMSE, 0-255
         max_d = float(d.max())
         gain = nice_gain(max_d)
         worst = int(drift.argmax())
@@ -67,7 +65,7 @@ def write_pictures(model, schedule: Schedule | None, out: Path, *, settings: Sam
         for name, png in files.items():
             atomic_write_bytes(out / name, lambda f, png=png: f.write(png))
         info["schedule"] = {"name": schedule.name, "passes": st_s.passes, "gain": gain, "max_diff": max_d,
-                            "rmse": float(d.double().pow(2).mean().sqrt()), "drift": drift.tolist(),
+                            "rmse": float(d.pow(2).mean().sqrt()), "drift": drift.tolist(),
                             "worst": worst}
     atomic_write_text(out / PICTURES_JSON, json.dumps(info, indent=1) + "\n")
     return info

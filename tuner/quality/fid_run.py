@@ -43,6 +43,35 @@ def load_samples(path) -> np.ndarray:
     return load_images(path)[0]
 
 
+def _extractor(u8, model, device, weights):
+    """The default extractor: mnist-cnn for 28×28 grey images, Inception otherwise."""
+    grey28 = (u8.shape[1:] == (1, 28, 28)) if u8 is not None else (
+        model is not None and default_extractor(model) == "mnist-cnn")
+    return get_extractor("mnist-cnn" if grey28 else "inception", device=device, weights_path=weights)
+
+
+def _sampled_fid(out: dict, model, sched, checkpoint, n, seed, settings, batch, ext, refstats, ranks, progress):
+    """FID of `n` samples of a schedule; for a schedule that is not sequential, the paired proxy
+    against the sequential samples of the same noise too (into `out`). Rank 0 gets the FID."""
+    noise = make_noise(n, model, seed)
+    lab = settings.make_labels(n, model, seed)
+    kw = dict(settings=settings, batch=batch, extractor=ext, ranks=ranks, progress=progress)
+    t0 = time.perf_counter()
+    x, feats = sample_features(model, sched, noise, lab, **kw)
+    out["source"] = {"checkpoint": str(checkpoint), "schedule": sched.name, "seed": seed,
+                     "sampling": settings.to_dict(), "processes": ranks.world,
+                     "sampling_seconds": round(time.perf_counter() - t0, 2)}
+    res = fid_against(to_uint8(x), refstats, ext, features=feats) if ranks.main else None
+    if not sched.is_sequential(model.cfg.num_patches):
+        t0 = time.perf_counter()
+        x_seq, f_seq = sample_features(model, resolve_schedule("sequential", model), noise, lab, **kw)
+        out["source"]["sequential_seconds"] = round(time.perf_counter() - t0, 2)
+        rmse, bad = (ranks.gather(a) for a in pixel_drift(x, x_seq))
+        if ranks.main:
+            out["proxy"] = proxy_summary(rmse, bad, feats, f_seq, ext.id)
+    return res
+
+
 def fid_command(*, samples=None, model=None, checkpoint=None, schedule: str = "sequential", n: int = 1000,
                 seed: int = 0, extractor: str | None = None, ref=None, weights=None,
                 floor: bool = False, floor_seeds=(0, 1, 2), tolerance: float | None = None,
@@ -54,10 +83,7 @@ def fid_command(*, samples=None, model=None, checkpoint=None, schedule: str = "s
     (`ranks`) sampling is split over the processes and rank 0 returns the result (others None)."""
     ext = None if extractor is None else get_extractor(extractor, device=device, weights_path=weights)
     u8 = load_samples(samples) if samples is not None else None
-    if ext is None:
-        grey28 = (u8.shape[1:] == (1, 28, 28)) if u8 is not None else (
-            model is not None and default_extractor(model) == "mnist-cnn")
-        ext = get_extractor("mnist-cnn" if grey28 else "inception", device=device, weights_path=weights)
+    ext = ext or _extractor(u8, model, device, weights)
     ref_path = Path(ref) if ref else default_ref_path(ext.name)
     refstats = RefStats.load(ref_path)
     out: dict = {"extractor": ext.id, "ref_path": str(ref_path)}
@@ -72,25 +98,8 @@ def fid_command(*, samples=None, model=None, checkpoint=None, schedule: str = "s
         if n < 2:
             raise UserError(f"--n must be >= 2 for FID, got {n}")
         sched = resolve_schedule(schedule, model, force=force)
-        noise = make_noise(n, model, seed)
-        lab = settings.make_labels(n, model, seed)
-        t0 = time.perf_counter()
-        x, feats = sample_features(model, sched, noise, lab, settings=settings, batch=batch, extractor=ext,
-                                   ranks=ranks, progress=progress)
-        out["source"] = {"checkpoint": str(checkpoint), "schedule": sched.name, "seed": seed,
-                         "sampling": settings.to_dict(), "processes": ranks.world,
-                         "sampling_seconds": round(time.perf_counter() - t0, 2)}
-        res = fid_against(to_uint8(x), refstats, ext, features=feats) if ranks.main else None
         sched_is_seq = sched.is_sequential(model.cfg.num_patches)
-        if not sched_is_seq:
-            seq = resolve_schedule("sequential", model)
-            t0 = time.perf_counter()
-            x_seq, f_seq = sample_features(model, seq, noise, lab, settings=settings, batch=batch,
-                                           extractor=ext, ranks=ranks, progress=progress)
-            out["source"]["sequential_seconds"] = round(time.perf_counter() - t0, 2)
-            rmse, bad = (ranks.gather(a) for a in pixel_drift(x, x_seq))
-            if ranks.main:
-                out["proxy"] = proxy_summary(rmse, bad, feats, f_seq, ext.id)
+        res = _sampled_fid(out, model, sched, checkpoint, n, seed, settings, batch, ext, refstats, ranks, progress)
     if floor or tolerance is not None:
         if model is None:
             raise UserError("the noise floor needs a model: pass --checkpoint")

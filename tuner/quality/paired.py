@@ -9,18 +9,38 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tarflow.data import to_pixels, to_uint8
 from tarflow.errors import UserError
 
 from tuner.quality.extractors import get_extractor
 
 
-def _pixels(x) -> np.ndarray:
-    """Model-space floats (clipped to [-1, 1], not quantised) or uint8 -> float64 on 0..255."""
+NONFINITE_DIFF = 255.0  # a NaN pixel counts as fully wrong: a sample that failed is never "close"
+
+
+def _pixels(x) -> torch.Tensor:
+    """Model-space floats or uint8 images -> float64 pixels on 0..255 (tarflow.data.to_pixels:
+    clipped, unquantised; NaN stays NaN for `pixel_diff` to score)."""
     if isinstance(x, np.ndarray) and x.dtype == np.uint8:
-        return x.astype(np.float64)
-    x = torch.as_tensor(x).detach().cpu().double()
-    x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
-    return ((x.clamp(-1, 1) + 1) * 127.5).numpy()
+        return torch.from_numpy(x).double()
+    return to_pixels(torch.as_tensor(x), torch.float64)
+
+
+def pixel_diff(x_schedule, x_sequential) -> torch.Tensor:
+    """|schedule - sequential| per pixel on 0..255: the one drift definition behind the paired
+    proxy, FID's proxy lines, the bench's drift column and the study's difference pictures.
+
+    NaN policy (one, for every caller): a pixel that is NaN in either image is NONFINITE_DIFF
+    (255) off; +-inf clips to the range like any value outside it."""
+    a, b = _pixels(x_schedule), _pixels(x_sequential)
+    if a.shape != b.shape:
+        raise UserError(f"paired proxy needs outputs of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return torch.nan_to_num((a - b).abs(), nan=NONFINITE_DIFF)
+
+
+def sample_drift(diff: torch.Tensor) -> np.ndarray:
+    """Per-sample pixel RMSE (0-255) of a `pixel_diff`."""
+    return diff.pow(2).flatten(1).mean(1).sqrt().numpy()
 
 
 def paired_proxy(x_schedule, x_sequential, extractor=None, *, features_schedule=None,
@@ -32,7 +52,7 @@ def paired_proxy(x_schedule, x_sequential, extractor=None, *, features_schedule=
     scale of the clipped, unquantised images (model-space input) or of uint8 input; the feature
     distance is L2 between extractor features of the uint8 images; `feat_spread` (RMS distance
     of the sequential features from their mean) gives it a scale. `nonfinite` counts samples
-    of x_schedule with NaN/inf (they are scored after replacing those values, so treat them
+    of x_schedule with NaN/inf (their NaN pixels score as 255 off, see `pixel_diff`; treat them
     as failures).
     """
     rmse, bad = pixel_drift(x_schedule, x_sequential)
@@ -40,24 +60,23 @@ def paired_proxy(x_schedule, x_sequential, extractor=None, *, features_schedule=
     if extractor is not None:
         ext = get_extractor(extractor) if isinstance(extractor, str) else extractor
         fa = features_schedule if features_schedule is not None else ext.features(
-            _pixels(x_schedule).round().astype(np.uint8), batch_size=batch_size)
+            _uint8(x_schedule), batch_size=batch_size)
         fb = features_sequential if features_sequential is not None else ext.features(
-            _pixels(x_sequential).round().astype(np.uint8), batch_size=batch_size)
+            _uint8(x_sequential), batch_size=batch_size)
     return proxy_summary(rmse, bad, fa, fb, None if ext is None else ext.id)
 
 
 def pixel_drift(x_schedule, x_sequential) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample pixel RMSE (0-255) and non-finite flags: the per-sample half of the proxy,
     which distributed FID computes on each rank and gathers."""
-    a, b = _pixels(x_schedule), _pixels(x_sequential)
-    if a.shape != b.shape:
-        raise UserError(f"paired proxy needs outputs of one shape, got {a.shape} and {b.shape}")
-    if isinstance(x_schedule, np.ndarray) and x_schedule.dtype == np.uint8:
-        bad = np.zeros(len(a), bool)
-    else:
-        xs = torch.as_tensor(x_schedule)
-        bad = (~torch.isfinite(xs.reshape(len(xs), -1))).any(dim=1).numpy()
-    return np.sqrt(((a - b) ** 2).reshape(len(a), -1).mean(axis=1)), bad
+    rmse = sample_drift(pixel_diff(x_schedule, x_sequential))
+    xs = torch.as_tensor(x_schedule)
+    bad = (~torch.isfinite(xs.reshape(len(xs), -1).double())).any(dim=1).numpy()
+    return rmse, bad
+
+
+def _uint8(x) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) and x.dtype == np.uint8 else to_uint8(torch.as_tensor(x))
 
 
 def proxy_summary(rmse, bad, features_schedule=None, features_sequential=None, extractor_id=None) -> dict:
