@@ -337,8 +337,19 @@ def sample(model: TarFlow, noise, schedule: Schedule, *, labels=None,
     4 on CUDA. The denoising step runs when settings.denoise_std > 0. A sample that is still
     non-finite after the token-by-token fallbacks is listed in `stats.failed` (one host read).
     `solvers` builds each block's transformer step from BlockSolver's arguments
-    (`tarflow.graphs.StaticSolvers()`: static buffers and CUDA graphs).
+    (`tarflow.solvers.SolverChoice("graphs")`: static buffers and CUDA graphs). If it fails and
+    the factory can `fall_back` (a SolverChoice), the sample is redone from its start eagerly.
     """
+    try:
+        return _sample(model, noise, schedule, labels, settings, callback, check_every, solvers)
+    except Exception as e:
+        fall_back = getattr(solvers, "fall_back", None)
+        if fall_back is None or not fall_back(e):
+            raise
+    return _sample(model, noise, schedule, labels, settings, callback, check_every, solvers)
+
+
+def _sample(model, noise, schedule, labels, settings, callback, check_every, solvers):
     plans = {p.block: p for p in schedule.plans}
     T = model.cfg.num_patches
     stats = SamplerStats(T=T)
@@ -378,13 +389,13 @@ def denoise(model: TarFlow, x, labels=None, noise_std: float = 0.1):
 
 
 def sample_batched(model: TarFlow, schedule: Schedule, noise, labels=None, *,
-                   settings: SamplingSettings = SamplingSettings(), batch: int = 500):
+                   settings: SamplingSettings = SamplingSettings(), batch: int = 500, solvers=BlockSolver):
     """`sample` over `noise` in batches (memory), images gathered on the CPU; returns
     (images, per-batch SamplerStats)."""
     xs, stats = [], []
     for i in range(0, len(noise), batch):
         lab = None if labels is None else labels[i:i + batch]
-        x, st = sample(model, noise[i:i + batch], schedule, labels=lab, settings=settings)
+        x, st = sample(model, noise[i:i + batch], schedule, labels=lab, settings=settings, solvers=solvers)
         xs.append(x.cpu())
         stats.append(st)
     return torch.cat(xs), stats

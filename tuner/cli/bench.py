@@ -10,8 +10,7 @@ import typer
 
 from tuner.bundled import DEFAULT_CKPT
 from tuner.cli.app import app
-from tuner.cli.options import (check_agreement, ensure_writable, load_model, model_command,
-                               progress_bar, recorded_sampling, resolve_device, settings_for)
+from tuner.cli.options import (SOLVER_HELP, SolverRequest, check_agreement, ensure_writable, load_model, model_command, progress_bar, recorded_sampling, resolve_device, settings_for)
 
 
 @model_command(app)
@@ -23,6 +22,8 @@ def bench(
     skip_reference: bool = typer.Option(False, help="skip the slow reference-style sequential sampler"),
     device: str = "auto", force: bool = False,
     out: Optional[Path] = typer.Option(None, help="write the results as JSON here"),
+    solver: str = typer.Option("auto", help=SOLVER_HELP + "; a comma list (e.g. eager,graphs) times "
+                               "every sampler once per solver, side by side"),
     sampling=None, geometry=None,
 ):
     """Time samplers side by side: reference-style and fast sequential, schedules, lower bound."""
@@ -36,6 +37,7 @@ def bench(
 
     if out is not None:
         ensure_writable(out)
+    solvers = SolverRequest(solver)
     dev = resolve_device(device)
     recorded = recorded_sampling(schedules or [])
     check_agreement(recorded, sampling)
@@ -44,7 +46,8 @@ def bench(
     with progress_bar() as prog:
         res = run_bench(model, schedules or [], batch=batch, device=dev, warmup=warmup,
                         repeats=repeats, seed=seed, settings=settings,
-                        skip_naive=skip_reference, force=force, progress=prog)
+                        skip_naive=skip_reference, force=force, progress=prog,
+                        solvers=[solvers.choice(dev, s) for s in solvers.names])
     res["command"] = "tarflow-tuner bench " + " ".join(sys.argv[2:])
     table = Table(title=f"batch {batch} on {res['device_name']} (torch {res['torch']}), "
                         f"median of {repeats} after {warmup} warm-up")

@@ -13,10 +13,11 @@ from tarflow.errors import UserError
 from tuner.bundled import DEFAULT_CKPT
 from tuner.cli.app import app
 from tuner.cli.options import (ensure_writable, load_model, model_command,
-                               recorded_sampling, resolve_device, settings_for, user_errors)
+                               recorded_sampling, resolve_device, settings_for, solver_options, user_errors)
 
 
 @model_command(app)
+@solver_options
 def fid(
     samples: Optional[Path] = typer.Argument(
         None, help="samples .npz (x: model-space floats or uint8) or image folder; "
@@ -41,7 +42,7 @@ def fid(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead"),
     workers: int = typer.Option(1, min=1, help="split the sampling over this many processes (torchrun: "
                                 "NCCL on GPUs, gloo on CPU); the FID equals one process's"),
-    sampling=None, geometry=None,
+    sampling=None, geometry=None, solver=None,
 ):
     """FID (extractor id and n always shown); with a schedule, a paired proxy vs sequential."""
     import json
@@ -68,7 +69,8 @@ def fid(
     result = fid_command(samples=samples, model=model, checkpoint=ckpt, schedule=schedule, n=n,
                          seed=seed, extractor=extractor, ref=ref, weights=extractor_weights,
                          floor=noise_floor, tolerance=tolerance, settings=settings, force=force,
-                         batch=batch, device=dev, progress=not json_out and sys.stderr.isatty(), ranks=ranks)
+                         batch=batch, device=dev, progress=not json_out and sys.stderr.isatty(), ranks=ranks,
+                         solvers=solver.choice(dev))
     if result is None:  # another rank than 0 of a --workers run: rank 0 reports
         return
     if json_out:

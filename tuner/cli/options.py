@@ -90,6 +90,36 @@ GEOMETRY_OPTIONS = [
 ]
 
 
+SOLVER_HELP = ("transformer step: auto (eager on a CPU, graphs on CUDA), eager, static (static buffers), "
+               "graphs (CUDA graphs) or compile (torch.compile + graphs); not part of the schedule. A capture "
+               "or compilation that fails falls back to eager with one warning")
+SOLVER_OPTIONS = [_opt("solver", str, typer.Option("auto", help=SOLVER_HELP))]
+
+
+class SolverRequest:
+    """The --solver a command was given; `choice(device)` builds the factory the sampler takes,
+    warning once on stderr if it falls back to eager."""
+
+    def __init__(self, solver: str):
+        from tarflow.solvers import SOLVER_NAMES
+
+        names = [s.strip() for s in solver.split(",") if s.strip()]
+        if not names or any(s not in SOLVER_NAMES for s in names):
+            raise UserError(f"--solver takes {', '.join(SOLVER_NAMES)}, got {solver!r}")
+        self.names = names
+
+    def choice(self, device, name: str | None = None):
+        from tarflow.solvers import SolverChoice
+
+        return SolverChoice(name or self.names[0], device,
+                            on_fallback=lambda why: typer.echo(f"warning: {why}", err=True))
+
+
+def solver_options(fn):
+    """--solver, shared by every command that samples."""
+    return _inject("solver", SOLVER_OPTIONS, SolverRequest)(fn)
+
+
 def model_command(app, name: str | None = None):
     """Register a command that loads a checkpoint and samples: one-line errors, and the
     geometry and sampling option groups."""

@@ -19,6 +19,7 @@ from tarflow.model import TarFlow, layer_norm
 from tarflow.sampling import affine_inverse, make_noise, sample, state_dtype
 from tarflow.schedule import resolve_schedule
 from tarflow.settings import SamplingSettings
+from tarflow.solvers import SolverChoice
 
 from tuner.quality.paired import paired_proxy
 from tuner.measure.timing import device_info, summarize, timed
@@ -97,51 +98,82 @@ def _time_interleaved(fns: dict, device, warmup: int, repeats: int) -> tuple[dic
     return outs, stats
 
 
+def _solver_fns(model, noise, labels, run, seq, scheds: dict, choices: list) -> dict:
+    """The fast sequential sampler and every schedule, once per solver: {row name: fn}. With one
+    solver the rows keep their plain names; with several each name says its solver."""
+    fns = {}
+    for choice in choices:
+        tag = "" if len(choices) == 1 else f" · {choice.name}"
+        kw = dict(labels=labels, settings=run, solvers=choice)
+        fns[f"sequential (fast){tag}"] = (None, choice, lambda kw=kw: sample(model, noise, seq, **kw)[0])
+        for spec, sched in scheds.items():
+            fns[f"{spec}{tag}"] = (spec, choice, lambda sched=sched, kw=kw: sample(model, noise, sched, **kw))
+    return fns
+
+
+def _bound_input(model, noise, labels, run, seq):
+    """A sample-shaped input for the one-pass bound, in the weights dtype; guided, two rows a
+    sample as the guided sampler runs."""
+    x_in = sample(model, noise, seq, labels=labels, settings=run)[0].to(next(model.parameters()).dtype)
+    if run.guided:
+        return x_in.repeat(2, 1, 1, 1), torch.cat([labels, torch.full_like(labels, -1)])
+    return x_in, labels
+
+
 def run_bench(model, schedules: list[str], *, batch: int, device, warmup: int = 1, repeats: int = 5,
               seed: int = 0, settings: SamplingSettings = SamplingSettings(), skip_naive: bool = False,
-              force: bool = False, progress=None) -> dict:
+              force: bool = False, progress=None, solvers: list | None = None) -> dict:
+    """Latencies side by side in one process (see _time_interleaved); `solvers` (SolverChoice
+    objects, default eager) adds one fast-sequential row and one row per schedule for each."""
     cfg = model.cfg
     T, B = cfg.num_patches, cfg.num_blocks
+    choices = solvers or [SolverChoice("eager", device)]
     noise = make_noise(batch, model, seed).to(device)
     labels = settings.make_labels(batch, model, seed)
     labels = None if labels is None else labels.to(device)
     run = SamplingSettings(**(settings.to_dict() | {"denoise_std": 0.0}))  # timing covers the inverse only
     seq = resolve_schedule("sequential", model)
     with torch.no_grad():
-        x_in = sample(model, noise, seq, labels=labels, settings=run)[0].to(next(model.parameters()).dtype)
-        y_in = labels  # the bound runs in the weights dtype on a sample-shaped input
-        if run.guided:  # the guided sampler does two passes per step; so does the bound
-            x_in, y_in = x_in.repeat(2, 1, 1, 1), torch.cat([labels, torch.full_like(labels, -1)])
+        x_in, y_in = _bound_input(model, noise, labels, run, seq)
     scheds = {spec: resolve_schedule(spec, model, force=force) for spec in schedules}
-    fns = {"sequential (fast)": lambda: sample(model, noise, seq, labels=labels, settings=run)[0]}
+    rowfns = _solver_fns(model, noise, labels, run, seq, scheds, choices)
+    fns = {name: fn for name, (_, _, fn) in rowfns.items()}
     if not skip_naive:
         fns["sequential (reference-style)"] = lambda: naive_sequential(model, noise, labels=labels, settings=run)
     fns["one-pass lower bound"] = lambda: model(x_in, y_in)
-    for spec, sched in scheds.items():
-        fns[spec] = lambda sched=sched: sample(model, noise, sched, labels=labels, settings=run)
     if progress:
         progress.add_task(f"bench: {len(fns)} samplers x {repeats} interleaved rounds", total=None)
     with torch.no_grad():
         outs, stats = _time_interleaved(fns, device, warmup, repeats)
-    x_seq, t_seq, t_low = outs["sequential (fast)"], stats["sequential (fast)"], stats["one-pass lower bound"]
+    first = next(iter(rowfns))  # the first solver's fast sequential: what speed-ups are against
+    rows = _rows(outs, stats, rowfns, scheds, first, skip_naive, T, B)
+    return {"model": model.fingerprint, "batch": batch, "warmup": warmup, "repeats": repeats, "timing": "interleaved",
+            "sampling": settings.to_dict(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            **device_info(device), "rows": rows}
+
+
+def _rows(outs, stats, rowfns, scheds, first, skip_naive, T, B) -> list[dict]:
+    x_seq = outs[first]
     seq_row = {"nfe": B * (T - 1) / T, "passes": B * (T - 1), "tokens": B * (T - 1)}  # T-1 one-token steps a block
-    rows = [{"name": "sequential (fast)", "latency": t_seq, **seq_row}]
+    rows = []
+    for name, (spec, choice, _) in rowfns.items():
+        if spec is None:
+            rows.append({"name": name, "latency": stats[name], "solver": choice.record(), **seq_row})
+            continue
+        x, st = outs[name]
+        rows.append({"name": name if name != spec else scheds[spec].name, "spec": spec, "latency": stats[name],
+                     "solver": choice.record(), "nfe": st.nfe, "passes": st.passes, "tokens": sum(st.tokens),
+                     "iters": st.iters, "modes": st.modes, "fallbacks": len(st.fallbacks),
+                     "proxy": paired_proxy(x, x_seq)})
     if not skip_naive:
-        rows.append({"name": "sequential (reference-style)", "latency": stats["sequential (reference-style)"], **seq_row})
-    rows.append({"name": "one-pass lower bound", "latency": t_low, "nfe": float(B), "passes": B, "tokens": B * T})
-    for spec, sched in scheds.items():
-        x, st = outs[spec]
-        rows.append({"name": sched.name, "spec": spec, "latency": stats[spec], "nfe": st.nfe,
-                     "passes": st.passes, "tokens": sum(st.tokens), "iters": st.iters,
-                     "modes": st.modes, "fallbacks": len(st.fallbacks), "proxy": paired_proxy(x, x_seq)})
-    seq_fast = t_seq["median_s"]
-    naive = next((r["latency"]["median_s"] for r in rows if r["name"].endswith("reference-style)")), None)
-    low = t_low["median_s"]
+        rows.insert(1, {"name": "sequential (reference-style)", "latency": stats["sequential (reference-style)"], **seq_row})
+    rows.insert(2 - skip_naive, {"name": "one-pass lower bound", "latency": stats["one-pass lower bound"],
+                                 "nfe": float(B), "passes": B, "tokens": B * T})
+    seq_fast, low = stats[first]["median_s"], stats["one-pass lower bound"]["median_s"]
+    naive = None if skip_naive else stats["sequential (reference-style)"]["median_s"]
     for r in rows:
         m = r["latency"]["median_s"]
         r["speedup_vs_fast_sequential"] = seq_fast / m
         r["speedup_vs_reference_sequential"] = naive / m if naive else None
         r["ratio_to_lower_bound"] = m / low
-    return {"model": model.fingerprint, "batch": batch, "warmup": warmup, "repeats": repeats, "timing": "interleaved",
-            "sampling": settings.to_dict(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            **device_info(device), "rows": rows}
+    return rows

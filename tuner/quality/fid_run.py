@@ -50,12 +50,13 @@ def _extractor(u8, model, device, weights):
     return get_extractor("mnist-cnn" if grey28 else "inception", device=device, weights_path=weights)
 
 
-def _sampled_fid(out: dict, model, sched, checkpoint, n, seed, settings, batch, ext, refstats, ranks, progress):
+def _sampled_fid(out: dict, model, sched, checkpoint, n, seed, settings, batch, ext, refstats, ranks, progress,
+                 solvers=None):
     """FID of `n` samples of a schedule; for a schedule that is not sequential, the paired proxy
     against the sequential samples of the same noise too (into `out`). Rank 0 gets the FID."""
     noise = make_noise(n, model, seed)
     lab = settings.make_labels(n, model, seed)
-    kw = dict(settings=settings, batch=batch, extractor=ext, ranks=ranks, progress=progress)
+    kw = dict(settings=settings, batch=batch, extractor=ext, ranks=ranks, progress=progress, solvers=solvers)
     t0 = time.perf_counter()
     x, feats = sample_features(model, sched, noise, lab, **kw)
     out["source"] = {"checkpoint": str(checkpoint), "schedule": sched.name, "seed": seed,
@@ -76,7 +77,7 @@ def fid_command(*, samples=None, model=None, checkpoint=None, schedule: str = "s
                 seed: int = 0, extractor: str | None = None, ref=None, weights=None,
                 floor: bool = False, floor_seeds=(0, 1, 2), tolerance: float | None = None,
                 settings=None, force: bool = False, batch: int = 500, device: str = "cpu",
-                progress: bool = False, ranks: Ranks = Ranks()) -> dict | None:
+                progress: bool = False, ranks: Ranks = Ranks(), solvers=None) -> dict | None:
     """Everything `tarflow-tuner fid` reports, as one JSON-able dict (see `format_fid`).
 
     Default extractor: mnist-cnn for 28×28 grey images, Inception otherwise. Under torchrun
@@ -99,7 +100,8 @@ def fid_command(*, samples=None, model=None, checkpoint=None, schedule: str = "s
             raise UserError(f"--n must be >= 2 for FID, got {n}")
         sched = resolve_schedule(schedule, model, force=force)
         sched_is_seq = sched.is_sequential(model.cfg.num_patches)
-        res = _sampled_fid(out, model, sched, checkpoint, n, seed, settings, batch, ext, refstats, ranks, progress)
+        res = _sampled_fid(out, model, sched, checkpoint, n, seed, settings, batch, ext, refstats, ranks, progress,
+                           solvers)
     if floor or tolerance is not None:
         if model is None:
             raise UserError("the noise floor needs a model: pass --checkpoint")
@@ -107,12 +109,14 @@ def fid_command(*, samples=None, model=None, checkpoint=None, schedule: str = "s
         known = {seed: res.fid if ranks.main else None} if sched_is_seq else {}  # same keys on every rank
         out["noise_floor"] = noise_floor(model, ref=refstats, extractor=ext, n=n if samples is None else res.n,
                                          seeds=floor_seeds, settings=settings, batch=batch,
-                                         progress=progress, known=known, ranks=ranks)
+                                         progress=progress, known=known, ranks=ranks, solvers=solvers)
         if tolerance is not None and ranks.main:
             out["tolerance"] = tolerance
             out["tolerance_warning"] = tolerance_check(tolerance, out["noise_floor"])
     if not ranks.main:
         return None
+    if solvers is not None:
+        out["solver"] = solvers.record()
     out |= res.to_dict()
     return out
 

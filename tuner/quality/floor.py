@@ -20,7 +20,7 @@ from tuner.quality.fid import RefStats, fid_against
 
 def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
                 settings=None, batch: int = 500, progress: bool = False,
-                known: dict | None = None, ranks: Ranks = Ranks()) -> dict | None:
+                known: dict | None = None, ranks: Ranks = Ranks(), solvers=None) -> dict | None:
     """FID of the sequential (exact) sampler over >= 3 noise seeds at the same n.
 
     Its seed-to-seed std is how much FID moves from noise alone at this n: differences in FID
@@ -44,7 +44,7 @@ def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
         t0 = time.perf_counter()
         x, feats = sample_features(model, seq, make_noise(n, model, s), settings.make_labels(n, model, s),
                                    settings=settings, batch=batch, extractor=ext, ranks=ranks,
-                                   progress=progress)
+                                   progress=progress, solvers=solvers)
         secs += time.perf_counter() - t0
         if ranks.main:
             values.append(fid_against(to_uint8(x), ref, ext, features=feats).fid)
