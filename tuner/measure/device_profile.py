@@ -15,8 +15,9 @@ import torch
 
 from tarflow.checkpoint import atomic_write_text, read_json
 from tarflow.errors import UserError
-from tarflow.sampling import BlockSolver, make_noise
+from tarflow.sampling import make_noise, state_dtype
 from tarflow.settings import SamplingSettings
+from tarflow.solvers import SolverChoice
 
 from tuner.measure.timing import device_info, timed
 
@@ -33,6 +34,7 @@ class DeviceProfile:
     widths: list[int]
     seconds: dict[str, list[float]]  # forward block -> median seconds of a pass of each width
     version: int = DEVICE_PROFILE_VERSION
+    solver: dict | None = None  # the transformer step timed (SolverChoice.record); None: eager, older files
 
     def pass_seconds(self, block: int, width: int) -> float:
         """Profiled time of one pass of `width` tokens in `block` (linear between measured widths)."""
@@ -85,7 +87,7 @@ def pass_widths(T: int) -> list[int]:
 
 @torch.no_grad()
 def measure(model, *, batch: int, settings: SamplingSettings, device, repeats: int = 5,
-            progress=None) -> DeviceProfile:
+            progress=None, solvers=None) -> DeviceProfile:
     """Time one pass of each width in each block (median of `repeats` after warm-up). A pass
     is timed at two positions, the start and the end of the sequence, and the two averaged: its
     attention reads the keys before it, so its cost depends a little on where it runs."""
@@ -96,24 +98,40 @@ def measure(model, *, batch: int, settings: SamplingSettings, device, repeats: i
     labels = settings.make_labels(batch, model, 0)
     labels = None if labels is None else labels.to(device)
     x = make_noise(batch, model, 0).to(device, dtype)
-    seconds = {}
-    warm = BlockSolver(model.blocks[0], labels, batch, settings, device, dtype)
+    choice = solvers or SolverChoice("eager", device)
+    xs = x.to(state_dtype(dtype))  # the static solvers take the sampler's iterates
+
+    def solver(block):
+        return choice(block, labels, batch, settings, device, dtype)
+
+    warm = solver(model.blocks[0])
     for _ in range(3 * repeats):  # the first calls of a process pay one-off costs: not a pass's time
-        timed(lambda: warm.params(x[:, :T - 1], 0), device)
-        timed(lambda: warm.params(x[:, :1], 0), device)
+        timed(lambda: warm.params(xs[:, :T - 1], 0), device)
+        timed(lambda: warm.params(xs[:, :1], 0), device)
+    seconds = {}
     for k, block in enumerate(model.blocks):
-        solver = BlockSolver(block, labels, batch, settings, device, dtype)
-        row = []
-        for L in widths:
-            runs = []
-            for start in (0, T - L):
-                for r in range(repeats + 1):
-                    _, s = timed(lambda: solver.params(x[:, start:start + L], start), device)
-                    if r:
-                        runs.append(s)
-            row.append(float(np.median(runs)))
-            if progress is not None:
-                progress()
-        seconds[str(k)] = row
+        try:
+            seconds[str(k)] = _block_row(solver(block), xs, widths, repeats, device, progress)
+        except Exception as e:  # a graph capture or compilation that fails: time eager instead
+            if not choice.fall_back(e):
+                raise
+            seconds[str(k)] = _block_row(solver(block), xs, widths, repeats, device, None)
     return DeviceProfile(device=device_info(device), batch=batch, guided=settings.guided, dtype=str(dtype),
-                         model_sha256=model.fingerprint["weights_sha256"], widths=widths, seconds=seconds)
+                         model_sha256=model.fingerprint["weights_sha256"], widths=widths, seconds=seconds,
+                         solver=choice.record())
+
+
+def _block_row(solver, x, widths: list[int], repeats: int, device, progress) -> list[float]:
+    """Median seconds of one pass of each width in one block, at the sequence's start and end."""
+    T, row = x.shape[1], []
+    for L in widths:
+        runs = []
+        for start in (0, T - L):
+            for r in range(repeats + 1):
+                _, s = timed(lambda: solver.params(x[:, start:start + L], start), device)
+                if r:
+                    runs.append(s)
+        row.append(float(np.median(runs)))
+        if progress is not None:
+            progress()
+    return row

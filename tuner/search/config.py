@@ -27,6 +27,7 @@ class TuneConfig:
     max_drift: float | None = None  # per-sample pixel RMSE (0-255) vs sequential, max over samples
     modes: tuple[str, ...] = ("segments", "frontier")  # block modes the search may choose
     heartbeat: int = 60  # seconds; a trial silent for 2x this is taken as dead (see open_storage)
+    solver: str = "auto"  # the transformer step every run uses (tarflow.solvers); auto: graphs on CUDA
     seed: int = 0
     sampling: SamplingSettings = SamplingSettings()  # what is sampled: every run of the search uses it
     floor_seeds: tuple[int, ...] = (101, 102, 103)

@@ -13,6 +13,7 @@ import torch
 from tarflow.data import to_uint8
 from tarflow.sampling import make_noise, sample
 from tarflow.schedule import Schedule, builtin_schedule
+from tarflow.solvers import SolverChoice
 
 from tuner.measure.profile import Profile
 from tuner.measure.timing import summarize, timed
@@ -50,6 +51,7 @@ class Baseline:
     feats: np.ndarray
     fid: float
     latency: dict
+    value: float  # the objective's value (its unit), what every trial's value is compared with
 
 
 @dataclass
@@ -74,7 +76,7 @@ class Evaluator:
     """Holds the model, profile, reference and baseline; `evaluator(trial)` is Optuna's
     objective(trial): it samples one suggested schedule and returns the objective value."""
 
-    def __init__(self, model, profile: Profile, cfg: TuneConfig, device, ref, extractor):
+    def __init__(self, model, profile: Profile, cfg: TuneConfig, device, ref, extractor, on_fallback=None):
         self.model, self.profile, self.cfg, self.device = model, profile, cfg, device
         self.ref, self.ext = ref, extractor
         self.T, self.B = model.cfg.num_patches, model.cfg.num_blocks
@@ -83,6 +85,8 @@ class Evaluator:
         if cfg.cost_model is not None:
             cfg.cost_model.check_fits(model, cfg.batch, cfg.sampling)
         self.baseline: Baseline | None = None
+        # every run of the study samples with the same step; what ran is recorded at export
+        self.solvers = SolverChoice(cfg.solver, device, on_fallback=on_fallback)
 
     def schedule_from_params(self, params: dict, name: str) -> Schedule:
         return self.space.schedule_from_params(params, name, self.model.fingerprint)
@@ -95,7 +99,7 @@ class Evaluator:
         for i in range(0, len(noise), bs):
             lab = None if labels is None else labels[i:i + bs]
             (x, st), s = timed(lambda: sample(self.model, noise[i:i + bs], sched, labels=lab,
-                                              settings=self.cfg.sampling), self.device)
+                                              settings=self.cfg.sampling, solvers=self.solvers), self.device)
             xs.append(x.float().cpu())
             passes += st.passes
             fallbacks += len(st.fallbacks)
@@ -124,7 +128,7 @@ class Evaluator:
         labels = cfg.sampling.make_labels(cfg.n, self.model, cfg.seed)
         r = self.run(builtin_schedule("sequential", self.model), noise, labels)
         feats, fid = self.fid_of(r.x)
-        self.baseline = Baseline(noise, labels, r.x, feats, fid, r.latency)
+        self.baseline = Baseline(noise, labels, r.x, feats, fid, r.latency, self.goal.value(r.counts()))
         return self.baseline
 
     def evaluate(self, sched: Schedule, on_first_batch=None, trial_number: int = -1) -> TrialResult:

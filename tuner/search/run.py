@@ -66,7 +66,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     ref_s = resolve_ref(ext, ref, data, out, model)
     ref_v = ref_s if vext is ext else resolve_ref(vext, verify_ref, data, out, model)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI shows a progress bar instead
-    ev = Evaluator(model, profile, cfg, device, ref_s, ext)
+    ev = Evaluator(model, profile, cfg, device, ref_s, ext, on_fallback=lambda why: log(f"warning: {why}"))
     seeds = seed_schedules(model, profile, ev.space, cfg.modes)
     study = make_study(open_storage(storage, cfg.heartbeat), study_name, cfg.seed, resume,
                        study_config(cfg, model, device),
@@ -87,13 +87,14 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
 
     def result() -> dict:
         """Verify and export the winner (run by one worker only, see export_once)."""
+        here = device_info(device)
         summary = StudySummary(
-            study=study_name, checkpoint=checkpoint, model=model.fingerprint, device=device_info(device),
-            batch=cfg.batch, tolerance=cfg.tolerance,
-            config=cfg.as_record(), sampling=cfg.sampling,
+            study=study_name, checkpoint=checkpoint, model=model.fingerprint, device=here,
+            batch=cfg.batch, tolerance=cfg.tolerance, config=cfg.as_record(),
+            objective=cfg.goal.describe(here["device_name"]), sampling=cfg.sampling,
             trials=len(counted_trials(study)), feasible=len(feasible_trials(study)),
             search_seconds=round(time.perf_counter() - t_start, 1),
-            sequential=Sequential(base.latency, base.fid, ext.id, cfg.n), noise_floor=floor,
+            sequential=Sequential(base.latency, base.fid, ext.id, cfg.n, base.value), noise_floor=floor,
             tolerance_warning=warn, seeds=seed_results(study, seeds))
         cands = [(t, ev.schedule_from_params(t.params, f"tuned (trial {t.number})"))
                  for t in feasible_trials(study)]

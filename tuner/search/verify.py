@@ -53,6 +53,6 @@ def remeasure(ev: Evaluator, schedules: dict, rounds: int = 3, batches: int = 4)
             for i in range(0, len(noise), bs):
                 lab = None if labels is None else labels[i:i + bs]
                 _, sec = timed(lambda: sample(ev.model, noise[i:i + bs], sched, labels=lab,
-                                              settings=ev.cfg.sampling), ev.device)
+                                              settings=ev.cfg.sampling, solvers=ev.solvers), ev.device)
                 runs[name].append(sec)
     return {name: summarize(v) for name, v in runs.items()}
