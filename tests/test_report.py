@@ -144,10 +144,10 @@ def test_report_cli_default_out_and_errors(study, tmp_path):
     assert (tmp_path / "cli.html").stat().st_size > 100_000
     (tmp_path / "v2").mkdir()
     doc = json.loads((study / "summary.json").read_text())
-    (tmp_path / "v2" / "summary.json").write_text(json.dumps(doc | {"version": 2}))
+    (tmp_path / "v2" / "summary.json").write_text(json.dumps(doc | {"version": 99}))
     for args, text in ((["report", str(tmp_path / "nowhere")], "not a tarflow-tuner study folder"),
                        (["report", str(tmp_path)], "not a tarflow-tuner study folder"),
-                       (["report", str(tmp_path / "v2")], "unknown summary version 2")):
+                       (["report", str(tmp_path / "v2")], "unknown summary version 99")):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, res.output
         assert text in res.output and "Traceback" not in res.output
@@ -192,6 +192,6 @@ def test_a_passes_study_leads_with_its_objective_and_drift(tmp_path):
     shutil.copytree(src, tmp_path / "s", ignore=shutil.ignore_patterns("report.html"))
     html = write_report(tmp_path / "s", tmp_path / "r.html").read_text()
     prov = json.loads((src / "schedule.json").read_text())["provenance"]
-    assert "serial passes per batch" in html and f"{prov['passes_per_batch']:.3g}" in html
+    assert "serial transformer passes per batch of 16" in html and f"{prov['passes_per_batch']:.3g}" in html
     assert "drift vs sequential, re-verified" in html and f"{prov['fid_verify']['proxy']['rmse_max']:.3g}/255 max" in html
     assert "objective: serial transformer passes per batch" in html

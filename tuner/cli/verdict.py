@@ -6,30 +6,20 @@ from pathlib import Path
 
 
 def tune_lines(summary, out: Path) -> list[str]:
-    """What a finished tune says: the winner, what each figure means, and where it holds."""
-    p = summary.schedule["provenance"]
+    """What a finished tune says: the winner in the objective's own unit (tuner.search.objectives
+    words it), what that means where it was re-timed, and the re-timed speed-ups."""
+    p, goal = summary.schedule["provenance"], summary.goal
     fs, fv = p["fid_search"], p["fid_verify"]
     dev, B, blocks = p["device_class"], summary.batch, summary.model["arch"]["num_blocks"]
     fid = (f"FID gap {fv['gap']:+.3g} ({fv['extractor']}, n={fv['n']}; tolerance {summary.tolerance:g}, "
            f"noise floor ± {fs['noise_floor_std']:.3g} at n={fs['n']})")
     latency = (f"{p['latency_s'] * 1e3:.1f} ms per batch of {B} on {dev} = {p['speedup_vs_sequential']:.2f}x "
                "sequential (re-timed here, interleaved)")
-    if p.get("objective") == "passes":
-        seq = summary.sequential_passes
-        lines = [f"tuned schedule -> {out}/schedule.json: {p['passes_per_batch']:.0f} serial transformer passes "
-                 f"per batch of {B} vs {seq} sequential ({seq / p['passes_per_batch']:.1f}x fewer; the one-pass "
-                 f"lower bound is {blocks}); {fid}",
-                 "what it means: where a pass costs about the same whatever it processes (a GPU at small batch) "
-                 "latency falls about as passes do. It does not hold on this device: "
-                 f"{latency}, because it pays for all the tokens each pass processes. Re-time it where it runs: "
-                 "tarflow-tuner bench"]
-    elif str(p.get("objective")).startswith("cost:"):
-        lines = [f"tuned schedule -> {out}/schedule.json: {p['objective_value'] * 1e3:.1f} ms per batch of {B} "
-                 f"modelled on {p['objective_device']} (device profile {p['objective'][5:]}); {fid}",
-                 f"what it means: the search priced each pass with times measured on {p['objective_device']}; "
-                 f"here it runs {latency}. Re-time it on the modelled device: tarflow-tuner bench"]
-    else:
+    if goal.measured:  # the objective is latency here: quote the fairer re-timing
         lines = [f"tuned schedule -> {out}/schedule.json: {latency}; {fid}"]
+    else:
+        head = goal.headline(summary.chosen_value, summary.sequential_value, B, blocks)
+        lines = [f"tuned schedule -> {out}/schedule.json: {head}; {fid}", f"what it means: {goal.meaning(latency)}"]
     lines.append("speed-up vs seeds (re-timed here): "
                  + ", ".join(f"{k} {v:.2f}x" for k, v in p["speedup_vs_seeds"].items()))
     if p["equivalent_to_sequential"]:

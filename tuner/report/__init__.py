@@ -5,8 +5,8 @@ schedule.json, trials.csv, study.db, profile/, pictures/) and writes one HTML fi
 inlined once and every image embedded as a PNG data URI. It only renders files: it never loads
 or runs the model (the pictures were sampled by `tune`).
 
-Modules: `study` reads the folder into typed objects, `figures` draws (plotly), `tables` and
-`sections` write the HTML. Sections: summary, profile, search, schedules compared, samples, how
+Modules: `study` reads the folder into typed objects, `figures` (profile) and `search_figures`
+(trials) draw with plotly, `tables` and `sections` write the HTML. Sections: summary, profile, search, schedules compared, samples, how
 to use. A section whose input is missing shows a note instead.
 
 May import tuner.search (space, summary, objectives: trials are decoded through the search

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import time
 
-from .figures import (convergence_figure, history_figure, importance_figure, parallel_figure,
-                      profile_bars, scatter_figure)
+from .figures import convergence_figure, profile_bars
+from .search_figures import history_figure, importance_figure, parallel_figure, scatter_figure
 from .html import data_uri, esc, fid_tag, ms, note, num, plot_box
 from .study import StudyFolder, display_path
 from .tables import comparison_tables, profile_table, top_trials_table
@@ -29,15 +29,8 @@ def _cards(st: StudyFolder) -> str:
     if sched is not None:
         prov = sched.provenance
         fs, fv = prov["fid_search"], prov.get("fid_verify") or {}
-        objective = str(prov.get("objective", "latency"))
-        if objective != "latency" and prov.get("passes_per_batch"):  # the search's own measure first
-            seq = s.sequential_passes
-            title = "serial passes per batch" if objective == "passes" else "modelled latency per batch"
-            value = (f"{num(prov['passes_per_batch'], '.3g')}" if objective == "passes"
-                     else f"{ms(prov['objective_value'])} ms")
-            passes = "" if objective == "passes" else f"{num(prov['passes_per_batch'], '.3g')} serial passes "
-            cards.append((title, value, f"{passes}vs {seq} sequential passes; objective {esc(objective)}"
-                          + (f" on {esc(prov.get('objective_device') or '?')}" if objective != "passes" else "")))
+        if not st.goal.measured:  # the search's own measure first
+            cards.append(_objective_card(st))
         if fv.get("proxy"):
             cards.append(("drift vs sequential, re-verified", f"{num(fv['proxy']['rmse_max'], '.3g')}/255 max",
                           f"mean {num(fv['proxy']['rmse_mean'], '.3g')}/255 over {fv['proxy']['n']} fresh samples"
@@ -64,6 +57,18 @@ def _cards(st: StudyFolder) -> str:
     return '<div class="cards">' + "".join(
         f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{v}</div><div class="d">{d}</div></div>'
         for k, v, d in cards) + "</div>"
+
+
+def _objective_card(st: StudyFolder) -> tuple[str, str, str]:
+    """What the search minimised, in its unit, against sequential (from the summary: old
+    schedule files stored a pass count where a latency belonged)."""
+    s, goal = st.summary, st.goal
+    seq, value = s.sequential_value, s.chosen_value
+    ratio = goal.ratio(seq, value)
+    device = goal.device_name(s.device["device_name"])
+    return (goal.title(s.batch), esc(goal.format(value)),
+            f"vs {esc(goal.format(seq))} sequential" + (f" ({ratio:.2f}× {esc(goal.gain)})" if ratio else "")
+            + f"; objective <code>{esc(goal.spec)}</code>" + (f" on {esc(device)}" if device else ""))
 
 
 def summary_section(st: StudyFolder, checkpoint_shown: str) -> str:
@@ -116,26 +121,26 @@ def profile_section(st: StudyFolder) -> str:
     return "".join(parts)
 
 
-def search_section(st: StudyFolder, seq_latency) -> str:
+def search_section(st: StudyFolder) -> str:
     head = '<h2 id="search">Search</h2>'
     if st.trials is None or st.trials.empty:
         return head + note("No trials.csv: the search history is not available.")
     chosen = st.summary.chosen_trial
     ext, n = st.search_fid
-    return (head + '<div class="row2">' + plot_box(history_figure(st, chosen, seq_latency))
+    return (head + '<div class="row2">' + plot_box(history_figure(st, chosen))
             + plot_box(scatter_figure(st, chosen)) + "</div>"
             + '<div class="row2">' + plot_box(importance_figure(st)) + top_trials_table(st, chosen) + "</div>"
             + plot_box(parallel_figure(st))
             + f'<p class="dim">Constraint: FID gap ({esc(fid_tag(ext, n))}) − tolerance ≤ 0. Pruned '
             'trials stopped after the warm-up batch because their pixel RMSE to the sequential '
-            'samples was hopeless; they have no latency.</p>')
+            f'samples was hopeless; they have no {esc(st.goal.label)}.</p>')
 
 
-def schedules_section(st: StudyFolder, seq_latency) -> str:
+def schedules_section(st: StudyFolder) -> str:
     parts = ['<h2 id="schedules">Schedules compared</h2>']
     if st.schedule is None:
         parts.append(note("No schedule was exported; the seed schedules the search started from:", "warn"))
-    parts.append(comparison_tables(st, seq_latency) if st.trials is not None
+    parts.append(comparison_tables(st) if st.trials is not None
                  else note("trials.csv is missing: no comparison."))
     if st.schedule is not None and st.schedule.provenance.get("speedup_vs_seeds"):
         parts.append('<p class="dim">Chosen schedule speed-up over each seed (re-timed seed latency / chosen '
@@ -206,8 +211,6 @@ def usage_section(st: StudyFolder, checkpoint_shown: str) -> str:
 
 
 def build_html(st: StudyFolder, *, checkpoint_shown: str, plotly_js: str, css: str, version: str) -> str:
-    seq = st.summary.seeds.get("sequential")
-    seq_latency = seq.latency_s if seq is not None else st.summary.sequential_latency_s
     study_shown = display_path(st.path)
     body = ["<h1>TarFlow GS-Jacobi schedule report</h1>",
             f'<p class="sub">study <code>{esc(study_shown)}</code> · model <code>{esc(checkpoint_shown)}</code> · '
@@ -215,8 +218,8 @@ def build_html(st: StudyFolder, *, checkpoint_shown: str, plotly_js: str, css: s
             '<nav><a href="#summary">Summary</a><a href="#profile">Profile</a><a href="#search">Search</a>'
             '<a href="#schedules">Schedules compared</a><a href="#samples">Samples</a>'
             '<a href="#usage">How to use</a></nav>',
-            summary_section(st, checkpoint_shown), profile_section(st), search_section(st, seq_latency),
-            schedules_section(st, seq_latency), samples_section(st), usage_section(st, checkpoint_shown),
+            summary_section(st, checkpoint_shown), profile_section(st), search_section(st),
+            schedules_section(st), samples_section(st), usage_section(st, checkpoint_shown),
             f"<footer>tarflow-tuner {esc(version)} report · self-contained: plotly.js and images are "
             "embedded, nothing is loaded from the network.</footer>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"

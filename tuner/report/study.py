@@ -13,6 +13,7 @@ from tarflow.schedule import Schedule
 
 from tuner.measure.pictures import PICTURES_JSON
 from tuner.measure.profile import Profile
+from tuner.search.objectives import Objective
 from tuner.search.space import SearchSpace
 from tuner.search.summary import StudySummary
 
@@ -54,6 +55,11 @@ class StudyFolder:
         return (int(self.arch["img_size"]) // int(self.arch["patch_size"])) ** 2
 
     @property
+    def goal(self) -> Objective:
+        """What the search minimised: every objective value the report shows is shown by it."""
+        return self.summary.goal
+
+    @property
     def space(self) -> SearchSpace:
         return SearchSpace(self.B, self.T)
 
@@ -73,6 +79,7 @@ def read_study(study_dir) -> StudyFolder:
     if (d / "trials.csv").is_file():
         try:
             trials = pd.read_csv(d / "trials.csv")
+            trials = with_objective(trials, summary.goal)
         except Exception as e:  # pandas raises several types for bad CSV
             notes.append(f"trials.csv could not be read ({e})")
     else:
@@ -94,6 +101,16 @@ def read_study(study_dir) -> StudyFolder:
     if pictures is None:
         notes.append("pictures/ is missing (written by `tune`)")
     return StudyFolder(d, summary, trials, profile, schedule, pictures, notes)
+
+
+def with_objective(trials: pd.DataFrame, goal: Objective) -> pd.DataFrame:
+    """trials.csv with its `objective` column (each trial's value in the objective's unit):
+    tables written before that column existed come from latency studies, whose value was the
+    measured latency; any other study without it gets an empty column rather than a wrong one."""
+    if "objective" in trials:
+        return trials
+    timed = goal.measured and "latency_s" in trials
+    return trials.assign(objective=trials["latency_s"] if timed else float("nan"))
 
 
 def read_pictures(folder: Path) -> Pictures | None:

@@ -30,8 +30,11 @@ def format_used(iters) -> str:
 
 
 def comparison_rows(st: StudyFolder) -> list[dict]:
-    """Chosen schedule first, then the seed schedules, each with what the search measured and
-    (separately) its re-timed latency."""
+    """Chosen schedule first, then the seed schedules, each with what the search measured: its
+    objective value (the objective's unit), the latency timed while it ran and (separately) its
+    re-timed latency. The chosen trial's figures come from the summary, never from the schedule's
+    provenance (schedules written before summary version 2 stored the objective value as a
+    latency)."""
     s = st.summary
     rows_by_trial = {int(r["number"]): r for r in st.trials.to_dict("records")} if st.trials is not None else {}
     out = []
@@ -41,7 +44,7 @@ def comparison_rows(st: StudyFolder) -> list[dict]:
         seed = _seed_name(r) if r else ""
         out.append({"name": f"<b>chosen</b>: {esc(st.schedule.name)}" + (f" (= {esc(seed)} seed)" if seed else ""),
                     "key": "chosen", "trial": s.chosen_trial, "status": "feasible, verified",
-                    "latency_s": prov["latency_search_s"], "fid": prov["fid_search"]["fid"],
+                    "value": s.chosen_value, "latency_s": s.chosen_latency_s, "fid": prov["fid_search"]["fid"],
                     "fid_gap": prov["fid_search"]["gap"], "proxy": prov["proxy"], "iters": s.chosen_iters,
                     "plans": st.schedule.to_dict()["blocks"]})
     by_seed = {_seed_name(r): r for r in rows_by_trial.values() if _seed_name(r)}
@@ -51,91 +54,113 @@ def comparison_rows(st: StudyFolder) -> list[dict]:
         if rec is not None:
             out.append({"name": title, "key": name, "trial": rec.trial,
                         "status": "feasible" if rec.feasible else "infeasible (over tolerance)",
-                        "latency_s": rec.latency_s, "fid": rec.fid, "fid_gap": rec.fid_gap,
-                        "proxy": rec.proxy, "iters": rec.iters, "plans": rec.schedule})
+                        "value": rec.objective_value, "latency_s": rec.latency_s, "fid": rec.fid,
+                        "fid_gap": rec.fid_gap, "proxy": rec.proxy, "iters": rec.iters, "plans": rec.schedule})
         elif r is not None:
-            kind = trial_state(r)
-            status = (f"pruned at warm-up (pixel RMSE {num(r.get('warmup_rmse'), '.3g')} of 255)"
-                      if kind == "pruned" else kind)
-            done = kind in ("feasible", "infeasible")
-            out.append({"name": title, "key": name, "trial": r.get("number"), "status": status,
-                        "latency_s": r.get("latency_s") if done else None,
-                        "fid": r.get("fid") if done else None, "fid_gap": r.get("fid_gap") if done else None,
-                        "proxy": {"rmse_mean": r.get("proxy_rmse_mean"), "rmse_max": r.get("proxy_rmse_max")}
-                        if done else {}, "iters": None, "plans": st.space.plans_from_row(r)})
+            out.append(_trial_row(st, name, title, r))
     for row in out:  # the interleaved re-timing at the end of the search, where there was one
         row["final_s"] = (s.final_latency.get(row["key"]) or {}).get("median_s")
     return out
 
 
-def comparison_tables(st: StudyFolder, seq_latency: float | None) -> str:
+def _trial_row(st: StudyFolder, name: str, title: str, r: dict) -> dict:
+    """A seed the summary does not list (pruned, failed) as trials.csv recorded it."""
+    kind = trial_state(r)
+    status = (f"pruned at warm-up (pixel RMSE {num(r.get('warmup_rmse'), '.3g')} of 255)"
+              if kind == "pruned" else kind)
+    done = kind in ("feasible", "infeasible")
+    return {"name": title, "key": name, "trial": r.get("number"), "status": status,
+            "value": r.get("objective") if done else None, "latency_s": r.get("latency_s") if done else None,
+            "fid": r.get("fid") if done else None, "fid_gap": r.get("fid_gap") if done else None,
+            "proxy": {"rmse_mean": r.get("proxy_rmse_mean"), "rmse_max": r.get("proxy_rmse_max")} if done else {},
+            "iters": None, "plans": st.space.plans_from_row(r)}
+
+
+def _ratio(x) -> str:
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def comparison_tables(st: StudyFolder) -> str:
     rows = comparison_rows(st)
     if not rows:
         return note("No schedules to compare (summary.json lists no seed trials).")
+    return _overall_table(st, rows) + _per_block_table(st, rows)
+
+
+def _overall_table(st: StudyFolder, rows: list[dict]) -> str:
+    """One row per schedule: the objective in its own unit, measured latencies apart."""
+    goal, b, s = st.goal, st.summary.batch, st.summary
     ext, n = st.search_fid
-    T, B = st.T, st.B
-    head = ["schedule", "trial", "status", f"latency (ms / batch of {st.summary.batch})",
-            "speed-up vs sequential", "re-timed latency (ms)", "re-timed speed-up",
-            f"FID ({esc(fid_tag(ext, n))})", "FID gap",
+    seq = s.sequential_value
+    seq_final = next((q["final_s"] for q in rows if q["key"] == "sequential"), None)
+    timed = [] if goal.measured else [f"latency in the search (ms / batch of {b})"]
+    head = ["schedule", "trial", "status", esc(goal.title(b)), esc(goal.gain), *timed,
+            "re-timed latency (ms)", "re-timed speed-up", f"FID ({esc(fid_tag(ext, n))})", "FID gap",
             "paired proxy RMSE mean / max (0–255)", "transformer passes per batch"]
     body = []
     for r in rows:
-        lat = r["latency_s"]
-        sp = f"{seq_latency / lat:.2f}×" if lat and seq_latency else "–"
-        seq_final = next((q["final_s"] for q in rows if q["key"] == "sequential"), None)
-        sp_final = f"{seq_final / r['final_s']:.2f}×" if r["final_s"] and seq_final else "–"
         px = r["proxy"] or {}
         passes = sum(sum(i) for i in r["iters"]) if r["iters"] else None
         body.append([r["name"], esc(r["trial"] if r["trial"] is not None else "–"), esc(r["status"]),
-                     ms(lat), sp, ms(r["final_s"]), sp_final, num(r["fid"], ".4g"), num(r["fid_gap"], "+.3g"),
+                     goal.number(r["value"]), _ratio(goal.ratio(seq, r["value"])),
+                     *([] if goal.measured else [ms(r["latency_s"])]),
+                     ms(r["final_s"]), _ratio(seq_final / r["final_s"] if seq_final and r["final_s"] else None),
+                     num(r["fid"], ".4g"), num(r["fid_gap"], "+.3g"),
                      f"{num(px.get('rmse_mean'), '.3g')} / {num(px.get('rmse_max'), '.3g')}",
                      esc(passes if passes is not None else "–")])
-    main = table(head, body, cls="compare", row_cls=["chosen" if r["key"] == "chosen" else "" for r in rows],
-                 caption=(
-        f"Measured in the search on the same noise (batch {st.summary.batch}, "
-        f"{esc(st.summary.device['device_class'])}); speed-up = sequential "
-        f"latency {ms(seq_latency)} ms / latency. Re-timed: the same schedules timed again, interleaved, "
-        f"after the search (the numbers the summary and the schedule file quote). "
-        f"FID and gap: {esc(fid_tag(ext, n))}."))
-    # per block, sampling order
-    names = [r["name"] for r in rows]
-    head2 = ["sampling step", "forward block"] + names
-    body2 = []
+    title = goal.title(b)
+    what = (f"{esc(title[:1].upper() + title[1:])}: what the search minimised (stored in {esc(goal.unit)}); "
+            f"{esc(goal.gain)} = sequential's {esc(goal.format(seq))} / the schedule's.")
+    if not goal.measured:
+        what += (f" Latency in the search: timed on {esc(s.device['device_class'])} while each trial ran "
+                 "(not what the search minimised).")
+    return table(head, body, cls="compare", row_cls=["chosen" if r["key"] == "chosen" else "" for r in rows],
+                 caption=(f"Measured in the search on the same noise (batch {b}, "
+                          f"{esc(s.device['device_class'])}). {what} Re-timed: the same schedules timed again, "
+                          "interleaved, after the search (the latencies the summary and the schedule file "
+                          f"quote). FID and gap: {esc(fid_tag(ext, n))}."))
+
+
+def _per_block_table(st: StudyFolder, rows: list[dict]) -> str:
+    """Each schedule's plan per block, in sampling order, with the passes it used."""
+    T, B = st.T, st.B
+    body = []
     for i in range(B):
         k = B - 1 - i
         cells = [str(i), str(k)]
         for r in rows:
-            plans = r["plans"] or []
-            p = next((q for q in plans if int(q["block"]) == k), None)
+            p = next((q for q in r["plans"] or [] if int(q["block"]) == k), None)
             used = r["iters"][i] if r["iters"] and i < len(r["iters"]) else None
             if p is None:
                 cells.append("–")
             else:
-                cells.append(("<b>" if r["key"] == "chosen" else "") +f"{esc(format_plan(p, T))}<br><span class='dim'>passes used: "
-                             f"{esc(format_used(used))}</span>")
-        body2.append(cells)
-    per_block = table(head2, body2, cls="compare", caption=(
+                cells.append(("<b>" if r["key"] == "chosen" else "") + f"{esc(format_plan(p, T))}<br><span "
+                             f"class='dim'>passes used: {esc(format_used(used))}</span>")
+        body.append(cells)
+    return table(["sampling step", "forward block"] + [r["name"] for r in rows], body, cls="compare", caption=(
         f"Plan per block in <b>sampling order</b> (step 0 = forward block {B - 1}, run first): "
         f"S segments × at most that many Jacobi passes each, initial guess, early-stop tol; "
         f"“passes used” = transformer passes actually run per block on the first search batch "
         f"(T={T} tokens; token by token = {max(T - 1, 0)} passes)."))
-    return main + per_block
 
 
 def top_trials_table(st: StudyFolder, chosen: int | None, k: int = 12) -> str:
-    """The fastest completed trials, feasible or not, with their FID gap."""
-    df = completed(st.trials).sort_values("latency_s").head(k)
+    """The best completed trials in the objective, feasible or not, with their FID gap."""
+    goal = st.goal
+    df = completed(st.trials).sort_values("objective").head(k)
     ext, n = st.search_fid
     rows, cls = [], []
     for r in df.to_dict("records"):
-        rows.append([esc(r["number"]), esc(_seed_name(r) or "–"), ms(r["latency_s"]), num(r.get("fid_gap"), "+.3g"),
+        rows.append([esc(r["number"]), esc(_seed_name(r) or "–"), goal.number(r["objective"]),
+                     *([] if goal.measured else [ms(r.get("latency_s"))]), num(r.get("fid_gap"), "+.3g"),
                      "yes" if _truthy(r.get("feasible")) else "<span style='color:#d1495b'>no</span>",
                      num(r.get("proxy_rmse_mean"), ".3g"), esc(num(r.get("passes"), ".0f"))])
         cls.append("chosen" if chosen is not None and int(r["number"]) == chosen else "")
-    return ('<div class="tablebox"><h3>Fastest completed trials</h3>'
-            + table(["trial", "seed", "latency (ms)", f"FID gap ({esc(fid_tag(ext, n))})", "feasible",
-                     "proxy RMSE (0–255)", "passes"], rows, cls="compare", row_cls=cls,
-                    caption="Highlighted: the chosen trial. Passes: over all search batches.") + "</div>")
+    head = ["trial", "seed", esc(goal.title()), *([] if goal.measured else ["latency in the search (ms)"]),
+            f"FID gap ({esc(fid_tag(ext, n))})", "feasible", "proxy RMSE (0–255)", "passes (all search batches)"]
+    return (f'<div class="tablebox"><h3>Best completed trials by {esc(goal.label)}</h3>'
+            + table(head, rows, cls="compare", row_cls=cls,
+                    caption="Highlighted: the chosen trial.") + "</div>")
 
 
 def profile_table(st: StudyFolder) -> str:

@@ -1,5 +1,13 @@
 """Export: re-time the verified winner against the seeds and write what was measured into the
-schedule's provenance and the study summary."""
+schedule's provenance and the study summary.
+
+Provenance keys say what they hold: `latency_s`, `sequential_latency_s` and `search_latency_s`
+are measured seconds per batch (re-timed, and timed in the search); `objective_value` is the
+trial value in `objective_unit` (seconds, serial passes or modelled seconds per batch) of the
+objective `objective` (its spec as given to tune). Schedules written before this kept the trial
+value as `latency_search_s` whatever the objective; readers take the chosen trial's figures from
+the study summary instead, which says what each one is.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import time
 from tarflow.schedule import Schedule
 
 from tuner.search.evaluate import Evaluator
+from tuner.search.studies import measured_latency
 from tuner.search.summary import StudySummary
 from tuner.search.verify import remeasure
 
@@ -21,7 +30,7 @@ def export(ev: Evaluator, summary: StudySummary, trial, sched: Schedule, ver: di
     seq_lat = final["sequential"]["median_s"] if "sequential" in final else summary.sequential_latency_s
     for k, seed in summary.seeds.items():
         seed.latency_final = final[k]
-    cfg, floor = ev.cfg, summary.noise_floor
+    cfg, floor, goal = ev.cfg, summary.noise_floor, ev.cfg.goal
     prov = {
         "tool": "tarflow-tuner", "tool_version": _version(), "date": time.strftime("%Y-%m-%d"),
         "tolerance": cfg.tolerance, "trial": trial.number, "trials": summary.trials,
@@ -31,11 +40,10 @@ def export(ev: Evaluator, summary: StudySummary, trial, sched: Schedule, ver: di
         "fid_verify": ver, "latency_s": lat, "sequential_latency_s": seq_lat,
         "speedup_vs_sequential": seq_lat / lat,
         "speedup_vs_seeds": {k: final[k]["median_s"] / lat for k in summary.seeds},
-        "latency_search_s": trial.value, "equivalent_to_sequential": sched.is_sequential(ev.T),
+        "search_latency_s": measured_latency(trial), "equivalent_to_sequential": sched.is_sequential(ev.T),
         "proxy": trial.user_attrs["proxy"], "batch": cfg.batch, "sampling": cfg.sampling.to_dict(),
-        "objective": cfg.objective, "objective_value": trial.value, "max_drift": cfg.max_drift,
-        "objective_device": (cfg.cost_model.device["device_name"] if cfg.cost_model is not None else
-                             summary.device["device_name"] if cfg.objective == "latency" else None),
+        "objective": goal.spec, "objective_value": trial.value, "objective_unit": goal.unit,
+        "objective_device": goal.device_name(summary.device["device_name"]), "max_drift": cfg.max_drift,
         "passes_per_batch": trial.user_attrs["passes"] / (cfg.n // cfg.batch),
         **summary.device,
     }
@@ -44,6 +52,7 @@ def export(ev: Evaluator, summary: StudySummary, trial, sched: Schedule, ver: di
     summary.schedule = sched.to_dict()
     summary.chosen_trial = trial.number
     summary.chosen_iters = trial.user_attrs["iters"]
+    summary.chosen_value, summary.chosen_latency_s = trial.value, measured_latency(trial)
     return sched
 
 

@@ -11,7 +11,7 @@ from tarflow.schedule import BlockPlan, Schedule, builtin_schedule
 
 from tuner.measure.profile import Profile
 from tuner.search.space import SearchSpace
-from tuner.search.studies import is_feasible
+from tuner.search.studies import is_feasible, measured_latency
 from tuner.search.summary import SeedResult
 
 PAPER_TOUGH_SEGMENTS, PAPER_TOUGH_ITERS, PAPER_EASY_ITERS = 8, 32, 10
@@ -48,12 +48,15 @@ def seed_schedules(model, profile: Profile, space: SearchSpace, modes) -> dict[s
 
 
 def seed_results(study, seeds: dict) -> dict[str, SeedResult]:
-    """What the search measured for each seed schedule that completed."""
+    """What the search measured for each seed schedule that completed: its objective value (the
+    trial value) and, apart, the latency timed while it ran."""
     out = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         name = t.user_attrs.get("seed")
         if name:
             a = t.user_attrs
-            out[name] = SeedResult(t.number, t.value, a["fid"], a["fid_gap"], is_feasible(t), a["proxy"],
-                                   a["passes"], a["iters"], seeds[name].to_dict()["blocks"])
+            out[name] = SeedResult(trial=t.number, objective_value=t.value, latency_s=measured_latency(t),
+                                   fid=a["fid"], fid_gap=a["fid_gap"], feasible=is_feasible(t),
+                                   proxy=a["proxy"], passes=a["passes"], iters=a["iters"],
+                                   schedule=seeds[name].to_dict()["blocks"])
     return out

@@ -5,8 +5,9 @@ Parameter names are stable (committed studies decode with them): `tol`, and per 
 `b{k}_init`, for segments `b{k}_segments`, `b{k}_anderson` and `b{k}_iters_s{S}` (the pass
 budget; its range depends on the segment count S, hence one name per S), for frontier
 `b{k}_window` (its pass bound is T: the tolerance decides when a block is done). The search suggests through `suggest`,
-seeds enter through `params_of`, and the report decodes trials through `schedule_from_params` /
-`plans_from_row`: nothing else knows the names.
+seeds enter through `params_of`, trials.csv names its columns through `param_columns`, and the
+report decodes trials through `schedule_from_params` / `plans_from_row`: nothing else knows the
+names.
 """
 
 from __future__ import annotations
@@ -93,10 +94,20 @@ class SearchSpace:
             params[f"b{p.block}_iters_s{S}"] = min(p.max_iters, self.iters_cap(p.block, S))
         return params
 
+    @staticmethod
+    def param_columns(params: dict) -> dict:
+        """A trial's parameters as trials.csv columns (the inverse of `params_from_row`)."""
+        return {f"{CSV_PREFIX}{k}": v for k, v in params.items()}
+
+    @staticmethod
+    def params_from_row(row: dict) -> dict:
+        """The parameters a trials.csv row holds (empty cells dropped)."""
+        return {k[len(CSV_PREFIX):]: v for k, v in row.items()
+                if k.startswith(CSV_PREFIX) and v == v and v is not None}  # v == v drops NaN
+
     def plans_from_row(self, row: dict) -> list[dict] | None:
         """A trials.csv row's schedule as plan dicts (sampling order); None if it has no parameters."""
-        params = {k[len(CSV_PREFIX):]: v for k, v in row.items()
-                  if k.startswith(CSV_PREFIX) and v == v and v is not None}  # v == v drops NaN
+        params = self.params_from_row(row)
         try:
             params = params | {k: int(float(v)) for k, v in params.items() if k.endswith(("_anderson", "_window"))}
             return [vars(p) for p in self.schedule_from_params(params).plans]

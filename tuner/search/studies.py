@@ -21,6 +21,7 @@ import torch
 from tarflow.errors import UserError
 
 from tuner.measure.timing import device_info
+from tuner.search.space import SearchSpace
 
 
 def is_feasible(t: optuna.trial.FrozenTrial) -> bool:
@@ -33,7 +34,16 @@ def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(ok, key=lambda t: t.value)
 
 
+def measured_latency(t: optuna.trial.FrozenTrial) -> float | None:
+    """The median seconds per batch timed while the trial ran (real seconds whatever the
+    objective; the trial value is the objective's, see tuner.search.objectives)."""
+    return (t.user_attrs.get("latency") or {}).get("median_s")
+
+
 def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame:
+    """trials.csv: one row per trial. `objective` is the trial value in the objective's unit
+    (summary.json's `objective` record says which), `latency_s` the measured median seconds per
+    batch, parameters as the search space names their columns."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retried = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t): t.number for t in study.trials}
@@ -45,7 +55,7 @@ def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame
         row = {"number": t.number, "state": t.state.name, "seed": t.user_attrs.get("seed", ""),
                "refined_from": t.user_attrs.get("refined_from"),
                "objective": t.value if done else None,
-               "latency_s": t.user_attrs.get("latency", {}).get("median_s") if done else None,
+               "latency_s": measured_latency(t) if done else None,
                "fid": t.user_attrs.get("fid"), "fid_gap": t.user_attrs.get("fid_gap"),
                "extractor": extractor_id, "n": n,
                "feasible": is_feasible(t),
@@ -54,7 +64,7 @@ def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame
                "warmup_rmse": t.user_attrs.get("warmup_rmse"), "passes": t.user_attrs.get("passes"),
                "fallbacks": t.user_attrs.get("fallbacks"),
                "fail_reason": t.user_attrs.get("fail_reason") or (stale if t.state.name == "FAIL" else None)}
-        row |= {f"param_{k}": v for k, v in t.params.items()}
+        row |= SearchSpace.param_columns(t.params)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -62,7 +72,7 @@ def trials_table(study: optuna.Study, extractor_id: str, n: int) -> pd.DataFrame
 def study_config(cfg, model, device) -> dict:
     """What makes trials comparable: a study resumed with anything else would mix them."""
     return {"model_sha256": model.fingerprint["weights_sha256"], "batch": cfg.batch,
-            "objective": cfg.objective, "max_drift": cfg.max_drift, "modes": list(cfg.modes),
+            "objective": cfg.goal.spec, "max_drift": cfg.max_drift, "modes": list(cfg.modes),
             "device": cfg.goal.device_name(device_info(device)["device_name"]),
             "tolerance": cfg.tolerance, "extractor": cfg.extractor, "n": cfg.n, "seed": cfg.seed,
             "sampling": cfg.sampling.to_dict()}
