@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU figures, part 1 (studies/gpu/README.md): one stage per call on an air-gapped GPU machine.
-#   studies/gpu/run.sh bench|tune|scale [--device cuda|cpu] [--quick] [--out DIR]
+#   studies/gpu/run.sh bench|tune|scale [--device cuda|cpu] [--quick] [--solver NAME] [--out DIR]
+# --solver (tune): the transformer step the search times (default auto: graphs on CUDA, eager on a CPU)
 # Reaches no package registry: optuna, plotly and clean-fid come from .whl/ (studies/gpu/wheels.sh)
 # when the machine lacks them; the project runs from this checkout (its commands find studies/
 # beside their source, so it is put on PYTHONPATH rather than copied by pip). Every step runs under
@@ -9,16 +10,17 @@
 # $OUT/STAGE.tar.gz when OUT is set, else DIR/STAGE.tar.gz: a stage stopped early keeps what it measured.
 set -uo pipefail
 
-usage() { echo "usage: $0 bench|tune|scale [--device cuda|cpu] [--quick] [--out DIR]" >&2; exit 2; }
+usage() { echo "usage: $0 bench|tune|scale [--device cuda|cpu] [--quick] [--solver NAME] [--out DIR]" >&2; exit 2; }
 STAGE=${1:-}
 case "$STAGE" in bench|tune|scale) shift ;; *) usage ;; esac
-DEVICE=cuda QUICK=0
+DEVICE=cuda QUICK=0 SOLVER=auto
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 DIR=$REPO/runs/gpu
 while (($#)); do
   case "$1" in
     --device) DEVICE=${2:-}; shift 2 || usage ;;
     --quick) QUICK=1; shift ;;
+    --solver) SOLVER=${2:-}; shift 2 || usage ;;
     --out) DIR=${2:-}; shift 2 || usage ;;
     *) usage ;;
   esac
@@ -104,8 +106,9 @@ stage_bench() {
       for dt in float32 bfloat16; do
         ck=$REPO/studies/$m/model.pth name=${m}_${dt}_b$b
         # shellcheck disable=SC2086 # one word per schedule
+        # eager and graph-captured rows side by side (on a CPU `graphs` runs the static step)
         PEAK_TAG=$name step tarflow-tuner bench ${specs[$m]} --checkpoint "$ck" --device "$DEVICE" --dtype "$dt" \
-          --batch "$b" --repeats "$repeats" --warmup "$warmup" --out "$RES/bench_$name.json"
+          --batch "$b" --repeats "$repeats" --warmup "$warmup" --solver eager,graphs --out "$RES/bench_$name.json"
         # shellcheck disable=SC2086
         step tarflow-tuner scale graphs $(ls "$REPO"/studies/"$m"/tune*/schedule.json) --checkpoint "$ck" \
           --device "$DEVICE" --dtype "$dt" --batch "$b" --repeats "$repeats" --out "$RES/graphs_$name.json"
@@ -121,11 +124,11 @@ stage_tune() {
   for m in $models; do
     PEAK_TAG=tune_$m step tarflow-tuner tune --checkpoint "$REPO/studies/$m/model.pth" --trials "$trials" \
       --timeout "$search" --device "$DEVICE" --batch "$batch" --n "$n" --verify-n "$verify" \
-      --max-drift "$drift" --extractor mnist-cnn --verify-extractor mnist-cnn --out "$RES/tune_$m"
+      --max-drift "$drift" --extractor mnist-cnn --verify-extractor mnist-cnn --solver "$SOLVER" --out "$RES/tune_$m"
   done
 }
 
-# --- scale: step costs of an AFHQ-shaped model (tuner/scale.py steps)
+# --- scale: step costs of an AFHQ-shaped model (tuner/measure/scale.py, `tarflow-tuner scale steps`)
 stage_scale() {
   local batches=1,16,64 quick="" dt
   ((QUICK)) && batches=1,2 quick=--quick
