@@ -2,44 +2,46 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
 import typer
 
+from tuner import api
 from tuner.bundled import DEFAULT_CALIB, DEFAULT_CKPT
 from tuner.cli.app import app
-from tuner.cli.options import (load_model, model_command,
-                               progress_bar, refuse_overwrite,
-                               resolve_device, settings_for)
+from tuner.cli.options import load_model, model_command, progress_bar, resolve_device, settings_for
+
+_API = {k: p.default for k, p in inspect.signature(api.profile).parameters.items()}  # one set of defaults
 
 
 @model_command(app)
 def profile(
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
     data: Path = typer.Option(DEFAULT_CALIB, help="calibration images: npz or image folder"),
-    n: int = typer.Option(256, min=1, help="calibration images (all, in order, if data holds exactly n)"),
-    seed: int = 0,
-    curve_n: int = typer.Option(64, min=1, help="images used for the convergence curves"),
+    n: int = typer.Option(_API["n"], min=1, help="calibration images (all, in order, if data holds exactly n)"),
+    seed: int = _API["seed"],
+    curve_n: int = typer.Option(_API["curve_n"], min=1, help="images used for the convergence curves"),
     device: str = "auto",
     out: Path = typer.Option(Path("profile"), help="output folder"),
     overwrite: bool = False, sampling=None, geometry=None,
 ):
-    """Per-block CRM, IGM and measured GS-Jacobi convergence curves on a calibration batch."""
+    """Per-block CRM, IGM and measured GS-Jacobi convergence curves on a calibration batch.
+
+    A class-conditional model sees each labelled image with its own label (--labels uncond:
+    unconditionally); profile.json records which."""
     from rich.console import Console
     from rich.table import Table
 
-    from tuner.measure.profile import ANDERSON_CURVES, calibration_batch, run_profile
+    from tuner.measure.profile import ANDERSON_CURVES
 
-    refuse_overwrite(out, ("profile.csv", "convergence.csv", "profile.json"), overwrite)
+    api.check_out(out, api.PROFILE_FILES, overwrite)
     model = load_model(checkpoint, geometry, resolve_device(device), sampling.dtype_for(None))
-    settings = settings_for(sampling, model)
-    x, _ = calibration_batch(data, n, seed, model)
-    with progress_bar() as prog:
-        prof = run_profile(model, x, settings.make_labels(len(x), model, seed), settings=settings,
-                           curve_n=curve_n, progress=prog)
-    prof.save(out)
-    table = Table(title=f"Block profile (forward order; sampling_step 0 runs first), n={len(x)}")
+    prof = api.profile(model, data=data, n=n, seed=seed, curve_n=curve_n, settings=settings_for(sampling, model),
+                       out=out, overwrite=overwrite, progress=progress_bar())
+    table = Table(title=f"Block profile (forward order; sampling_step 0 runs first), n={prof.meta['n']}, "
+                        f"labels: {prof.meta['labels']}")
     anderson = ANDERSON_CURVES
     table.caption = ("passes: one segment from the best init until max |x - x*| <= 1e-3; "
                      "AA m: the same with Anderson mixing over m passes")

@@ -2,7 +2,9 @@
 
 One forward pass gives every block's output z; the block's exact sequential inverse of z under
 the sampling settings (guidance, precision) gives x*, the exact solution of the triangular
-system that sampling solves in that block (without guidance, x* is the block's input). From them:
+system that sampling solves in that block (without guidance, x* is the block's input). A
+class-conditional model sees each real image with its own label (`calibration_labels`): x* is
+only a point sampling reaches if the image is conditioned on its class. From them:
 
 * CRM (convergence ranking metric, arXiv 2505.12849):
   ||mean_batch(alpha * x_in)||_2 * ||W_s||_2 + ||W_u||_2, alpha = exp(-log-scale), ||.||_2 the
@@ -86,19 +88,51 @@ class Profile:
         return max(need)
 
 
-def calibration_batch(data, n: int, seed: int, model: TarFlow):
-    """n images from `data` (all, in file order, when it holds exactly n), in model space."""
+PROFILE_N = 256  # calibration images a profile uses by default (all of a smaller set)
+
+
+def calibration_batch(data, n: int | None, seed: int, model: TarFlow):
+    """n images from `data` (all, in file order, when it holds exactly n; n=None: all of them up
+    to PROFILE_N), in model space, and their labels (None when the set has none)."""
     cfg = model.cfg
     u8, labels = load_images(data, size=cfg.img_size)
     if u8.shape[1:] != (cfg.in_channels, cfg.img_size, cfg.img_size):
         raise UserError(f"{data}: images are {tuple(u8.shape[1:])}, the model expects "
                         f"{(cfg.in_channels, cfg.img_size, cfg.img_size)}")
+    n = min(PROFILE_N, len(u8)) if n is None else n
     if n > len(u8):
-        raise UserError(f"{data} holds {len(u8)} images, fewer than --n {n}")
+        raise UserError(f"{data} holds {len(u8)} images, fewer than the n={n} asked for")
     idx = np.arange(n) if n == len(u8) else np.sort(np.random.default_rng(seed).choice(len(u8), n, replace=False))
     x = to_model_space(u8[idx]).to(model.var.device, model.var.dtype)
     y = torch.from_numpy(labels[idx]).to(x.device) if labels is not None else None
     return x, y
+
+
+OWN_LABELS = "own (each image's calibration label)"
+UNCOND = "unconditional (mean class embedding)"
+
+
+def calibration_labels(y, settings: SamplingSettings, model: TarFlow):
+    """The labels the calibration images go through the flow with, and the words profile.json
+    records for them: (labels or None, description).
+
+    x* is a real image's forward pass, and a real image of a class-conditional model belongs to
+    its own class: conditioned on any other label it follows a trajectory no sample follows. So
+    a labelled set is profiled with its own labels whatever the label policy (the policy says
+    which classes *samples* get), and unconditionally only when the samples are unconditional
+    (`labels="uncond"`) or the set has no labels to give."""
+    K = model.cfg.num_classes
+    if not K:
+        return None, "none (unconditional model)"
+    if settings.labels == "uncond":
+        return None, f"{UNCOND}, as the label policy asks"
+    if y is None:
+        return None, f"{UNCOND}: the calibration set has no labels"
+    bad = y[(y < 0) | (y >= K)]
+    if len(bad):
+        raise UserError(f"calibration label {int(bad[0])} is not a class of this model (0..{K - 1}); "
+                        "profile with labels=uncond, or relabel the data", setting="labels")
+    return y, OWN_LABELS
 
 
 def spectral(m: torch.Tensor) -> float:
@@ -163,22 +197,32 @@ def convergence_curves(block, k, x_star, z, y, configs, B, settings: SamplingSet
     return rows
 
 
-def run_profile(model: TarFlow, x, y, *, settings: SamplingSettings = SamplingSettings(),
-                curve_n: int = 64, progress=None) -> Profile:
-    """Profile every block under the sampling settings. x: calibration images in model space;
-    y: labels or None (unconditional)."""
-    cfg = model.cfg
-    B, T = cfg.num_blocks, cfg.num_patches
+@torch.no_grad()
+def block_solutions(model: TarFlow, x, y, settings: SamplingSettings):
+    """Per block, forward order: (k, block, z, x*) in block token order, z the block's output in
+    the forward pass of x with labels y, x* the exact sequential inverse of z under `settings`
+    (without guidance: the block's input in that same forward pass)."""
     wdtype = model.var.dtype
-    with torch.no_grad():
-        _, outputs, _ = model(x.to(wdtype), y)
-    rows, curves = [], []
-    task = progress.add_task("profile", total=B) if progress else None
-    m = min(curve_n, len(x))
+    T = model.cfg.num_patches
+    _, outputs, _ = model(x.to(wdtype), y)
     for k, block in enumerate(model.blocks):
         z = block.permute(outputs[k]).to(state_dtype(wdtype))
         exact = BlockSolver(block, y, len(z), settings, z.device, wdtype)
-        x_star = solve_sequential(exact, z, BlockPlan(k, T, 1), SamplerStats(T=T), 1)
+        yield k, block, z, solve_sequential(exact, z, BlockPlan(k, T, 1), SamplerStats(T=T), 1)
+
+
+def run_profile(model: TarFlow, x, y, *, settings: SamplingSettings = SamplingSettings(),
+                curve_n: int = 64, progress=None, labels: str | None = None) -> Profile:
+    """Profile every block under the sampling settings. x: calibration images in model space;
+    y: their labels, or None (unconditional: the mean class embedding); `labels`: how profile.json
+    describes y (see `calibration_labels`), by default "given" or unconditional."""
+    cfg = model.cfg
+    B, T = cfg.num_blocks, cfg.num_patches
+    wdtype = model.var.dtype
+    rows, curves = [], []
+    task = progress.add_task("profile", total=B) if progress else None
+    m = min(curve_n, len(x))
+    for k, block, z, x_star in block_solutions(model, x, y, settings):
         row = {"block": k, "sampling_step": B - 1 - k} | block_metrics(block, x_star.to(wdtype), z.to(wdtype), y)
         rows.append(row)
         best = min(INITS, key=lambda i: row[f"igm_{i}"])
@@ -193,8 +237,10 @@ def run_profile(model: TarFlow, x, y, *, settings: SamplingSettings = SamplingSe
     igm_cols = [f"igm_{i}" for i in INITS]
     table["best_init"] = table[igm_cols].idxmin(axis=1).str.removeprefix("igm_")
     curves = pd.DataFrame(curves)
-    prof = Profile(table, curves, pd.DataFrame(), {"T": T, "num_blocks": B, "n": len(x), "curve_n": min(curve_n, len(x)),
-                                                  "labels": "given" if y is not None else "unconditional (mean class embedding)",
+    if labels is None:
+        labels = "given" if y is not None else UNCOND if cfg.num_classes else "none (unconditional model)"
+    prof = Profile(table, curves, pd.DataFrame(), {"T": T, "num_blocks": B, "n": len(x), "curve_n": m,
+                                                  "labels": labels,
                                                   "dtype": str(wdtype).removeprefix("torch."),
                                                   "sampling": settings.to_dict(),
                                                   "fingerprint": model.fingerprint})
