@@ -124,10 +124,10 @@ def test_segment_mode_reads_flags_within_budget(model, host_reads, factory):
     flags = sum(n for (name, *_), n in reads.items() if name == "item")
     assert flags <= sum(math.ceil(p / 4) for p in passes), reads
     assert sum(reads.values()) - flags <= 4 * len(passes), reads
-    assert {file for _, file, *_ in reads} == {"sampling.py"}, reads
+    assert {file for _, file, *_ in reads} == {"solve.py"}, reads
 
 
-@pytest.mark.xfail(strict=True, reason="sampling.py reads finiteness (3 reads) and the residual (1) per segment")
+@pytest.mark.xfail(strict=True, reason="solve.py reads finiteness (3 reads) and the residual (1) per segment")
 def test_sync_budget_one_read_per_block_beyond_flags(model, host_reads):
     passes, reads = segment_run(model, host_reads)
     assert sum(reads.values()) <= sum(math.ceil(p / 4) + 1 for p in passes), reads

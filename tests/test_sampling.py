@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tarflow.sampling import BlockSolver, make_noise, sample, segment_bounds
+from tarflow.sampling import BlockSolver, make_noise, sample
+from tarflow.solve import segment_bounds
 from tarflow.schedule import builtin_schedule
 from tarflow.settings import SamplingSettings as Guidance
 

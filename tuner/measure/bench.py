@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from tarflow.model import TarFlow, layer_norm
-from tarflow.sampling import affine_inverse, make_noise, sample, state_dtype
+from tarflow.sampling import make_noise, sample, state_dtype
+from tarflow.solve import affine_inverse
 from tarflow.schedule import resolve_schedule
 from tarflow.settings import SamplingSettings
 from tarflow.solvers import SolverChoice

@@ -33,8 +33,8 @@ from tarflow.checkpoint import atomic_write_text
 from tarflow.data import load_images, to_model_space
 from tarflow.errors import UserError
 from tarflow.model import TarFlow
-from tarflow.sampling import (BlockSolver, SamplerStats, affine_inverse, segment_bounds, solve_segment,
-                              solve_sequential, state_dtype)
+from tarflow.sampling import BlockSolver, SamplerStats, state_dtype
+from tarflow.solve import affine_inverse, segment_bounds, solve_segment, solve_sequential
 from tarflow.schedule import INITS, BlockPlan
 from tarflow.settings import SamplingSettings
 

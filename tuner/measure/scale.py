@@ -35,7 +35,8 @@ from tarflow.checkpoint import atomic_write_text, load_checkpoint
 from tarflow.errors import UserError
 from tarflow.graphs import StaticSolver, StaticSolvers
 from tarflow.model import TarFlow, TarFlowConfig
-from tarflow.sampling import BlockSolver, make_noise, sample, segment_bounds, state_dtype
+from tarflow.sampling import BlockSolver, make_noise, sample, state_dtype
+from tarflow.solve import segment_bounds
 from tarflow.schedule import resolve_schedule
 from tarflow.settings import DTYPES, SamplingSettings
 
