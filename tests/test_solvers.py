@@ -106,3 +106,34 @@ def test_device_profile_records_its_solver(tmp_path):
 @pytest.mark.parametrize("command", [["fid", "--n", 4], ["bench"], ["device-profile", "--out", "x.json"]])
 def test_an_unknown_solver_is_one_line(command):
     one_line_error(run_cli(*command, "--solver", "turbo"), "--solver takes")
+
+
+def test_sample_takes_the_solver(tmp_path):
+    import numpy as np
+
+    for name in ("eager", "static"):
+        res = run_cli("sample", "--n", 3, "--batch", 2, "--schedule", "jacobi:segments=2", "--device", "cpu",
+                      "--solver", name, "--out", tmp_path / name)
+        assert res.exit_code == 0, res.output
+        assert f"{name} solver" in res.stdout
+    a, b = (np.load(tmp_path / f"{n}.npz") for n in ("eager", "static"))
+    assert np.abs(a["x"] - b["x"]).max() <= 5e-4
+    assert json.loads(str(b["stats"]))["solver"]["used"] == "static"
+
+
+def test_tune_falls_back_and_says_so_in_its_provenance(broken_capture, tmp_path):
+    import numpy as np
+
+    from tarflow.schedule import Schedule
+
+    from .conftest import CALIB
+
+    cal = np.load(CALIB)
+    np.savez(tmp_path / "calib.npz", x=cal["x"][:8], y=cal["y"][:8])
+    res = run_cli("tune", "--trials", 2, "--n", 16, "--batch", 16, "--verify-n", 32, "--max-drift", "off",
+                  "--tolerance", 1000, "--device", "cpu", "--solver", "graphs", "--data", tmp_path / "calib.npz",
+                  "--out", tmp_path / "study")
+    assert res.exit_code == 0, res.output
+    assert sum(line.startswith("warning: graphs solver failed") for line in res.output.splitlines()) == 1
+    solver = Schedule.load(tmp_path / "study" / "schedule.json").provenance["solver"]
+    assert solver["requested"] == "graphs" and solver["used"] == "eager" and "forced capture failure" in solver["fallback"]

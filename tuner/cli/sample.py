@@ -11,12 +11,13 @@ from tarflow.errors import UserError
 from tuner.bundled import DEFAULT_CKPT
 from tuner.cli.app import app, schedule_app
 from tuner.cli.options import (ensure_writable, geometry_options, load_model, model_command, progress_bar,
-                               recorded_sampling, resolve_device, settings_for, user_errors)
+                               recorded_sampling, resolve_device, settings_for, solver_options, user_errors)
 
 DEFAULT_BATCH = 64  # samples per sampler call when neither --batch nor the schedule says
 
 
 @model_command(app)
+@solver_options
 def sample(
     checkpoint: Path = typer.Option(DEFAULT_CKPT, help="TarFlow .pth (default: bundled MNIST)"),
     schedule: str = typer.Option("sequential", help="schedule JSON file or built-in name"),
@@ -28,7 +29,7 @@ def sample(
     force: bool = typer.Option(False, help="run a schedule made for another model"),
     out: Path = typer.Option(Path("samples"), help="writes OUT.npz and OUT.png (OUT as given, dots "
                              "and all; a trailing .npz or .png is dropped)"),
-    sampling=None, geometry=None,
+    sampling=None, geometry=None, solver=None,
 ):
     """Sample images with a schedule, in batches; writes OUT.npz (x, labels, stats) and an OUT.png grid."""
     import time
@@ -48,7 +49,7 @@ def sample(
     batch = sampling_batch(batch, sched, dev)
     t0 = time.perf_counter()
     with progress_bar() as prog:
-        x, stats = sample_in_batches(model, z, sched, y, settings, batch, prog)
+        x, stats = sample_in_batches(model, z, sched, y, settings, batch, prog, solver.choice(dev))
     secs = time.perf_counter() - t0
     keep = write_samples(out_npz, out_png, x, y, stats, sched, settings)
     if stats["failed"]:
@@ -56,6 +57,7 @@ def sample(
                    f"(indices {stats['failed'][:8]}): not written", err=True)
     fb = f", {stats['fallbacks']} fallback segment(s)" if stats["fallbacks"] else ""
     runs = f" in {stats['batches']} batches of {batch}" if stats["batches"] > 1 else ""
+    runs += f", {stats['solver']['used']} solver" if stats["solver"] else ""
     typer.echo(f"sampled {keep} of {len(z)} images with '{sched.name}' on {dev} in {secs:.2f} s "
                f"({stats['passes']} transformer passes{runs}{fb}) -> {out_npz}" + (f", {out_png}" if keep else ""))
 
@@ -96,7 +98,7 @@ def sampling_batch(batch: int | None, sched, device: str) -> int:
     return batch
 
 
-def sample_in_batches(model, z, sched, y, settings, batch: int, prog):
+def sample_in_batches(model, z, sched, y, settings, batch: int, prog, solvers=None):
     """All of z in batches of `batch` (the last one may be smaller), images gathered on the CPU;
     returns (images, stats: totals over the batches and each batch's own SamplerStats)."""
     import torch
@@ -107,13 +109,14 @@ def sample_in_batches(model, z, sched, y, settings, batch: int, prog):
     xs, parts = [], []
     for s in range(0, len(z), batch):
         x, st = sample(model, z[s:s + batch], sched, labels=None if y is None else y[s:s + batch],
-                       settings=settings)
+                       settings=settings, **({} if solvers is None else {"solvers": solvers}))
         xs.append(x.cpu())
         parts.append({"start": s} | st.to_dict())
         prog.advance(task, len(x))
     stats = {"batch": batch, "batches": len(parts), "passes": sum(p["passes"] for p in parts),
              "nfe": sum(p["nfe"] for p in parts), "fallbacks": sum(len(p["fallbacks"]) for p in parts),
-             "failed": [p["start"] + i for p in parts for i in p["failed"]], "per_batch": parts}
+             "failed": [p["start"] + i for p in parts for i in p["failed"]], "per_batch": parts,
+             "solver": None if solvers is None else solvers.record()}
     return torch.cat(xs), stats
 
 

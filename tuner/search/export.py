@@ -42,6 +42,7 @@ def export(ev: Evaluator, summary: StudySummary, trial, sched: Schedule, ver: di
         "speedup_vs_seeds": {k: final[k]["median_s"] / lat for k in summary.seeds},
         "search_latency_s": measured_latency(trial), "equivalent_to_sequential": sched.is_sequential(ev.T),
         "proxy": trial.user_attrs["proxy"], "batch": cfg.batch, "sampling": cfg.sampling.to_dict(),
+        "solver": ev.solvers.record(),  # the step every latency above was measured with
         "objective": goal.spec, "objective_value": trial.value, "objective_unit": goal.unit,
         "objective_device": goal.device_name(summary.device["device_name"]), "max_drift": cfg.max_drift,
         "passes_per_batch": trial.user_attrs["passes"] / (cfg.n // cfg.batch),
