@@ -146,12 +146,12 @@ class Cost(Objective):
     """Latency modelled from a device profile measured elsewhere (`cost:DEVICE.json`)."""
 
     kind: ClassVar[str] = "cost"
+    device: str | None = None  # the profiled device's name (None: unknown to a reader)
     spec: str = "cost:"
     unit: str = "modelled s per batch"
     label: str = "modelled latency"
     measured: bool = False
     gain: str = "modelled speed-up vs sequential"
-    device: str | None = None  # the profiled device's name (None: unknown to a reader)
     profile: object = field(default=None, compare=False, repr=False)  # the loaded DeviceProfile
 
     def value(self, run: RunCounts) -> float:
