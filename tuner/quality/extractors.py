@@ -245,7 +245,18 @@ def get_extractor(name: str, device="cpu", weights_path=None) -> Extractor:
     return _CACHE[key]
 
 
-def default_extractor(model) -> str:
-    """mnist-cnn only where it applies (28×28 grey models), Inception everywhere else."""
-    cfg = model.cfg
-    return "mnist-cnn" if (cfg.in_channels, cfg.img_size) == (1, 28) else "inception"
+def default_extractor(images) -> str:
+    """The features an FID uses when none is named: mnist-cnn only where it applies (28×28 grey
+    images), Inception everywhere else. `images`: a model, or the (C, H, W) of the images."""
+    shape = tuple(images) if not hasattr(images, "cfg") else (
+        images.cfg.in_channels, images.cfg.img_size, images.cfg.img_size)
+    return "mnist-cnn" if shape == (1, 28, 28) else "inception"
+
+
+def tune_extractors(model, device: str, extractor: str | None = None,
+                    verify_extractor: str | None = None) -> tuple[str, str]:
+    """(search, verification) extractors of a tune, as given, else: on CUDA Inception for both
+    (the published metric, affordable there); on a CPU the default for the model's images in the
+    loop and the same at verification."""
+    ext = extractor or ("inception" if device == "cuda" else default_extractor(model))
+    return ext, verify_extractor or ("inception" if device == "cuda" else ext)

@@ -45,9 +45,8 @@ def load_samples(path) -> np.ndarray:
 
 def _extractor(u8, model, device, weights):
     """The default extractor: mnist-cnn for 28×28 grey images, Inception otherwise."""
-    grey28 = (u8.shape[1:] == (1, 28, 28)) if u8 is not None else (
-        model is not None and default_extractor(model) == "mnist-cnn")
-    return get_extractor("mnist-cnn" if grey28 else "inception", device=device, weights_path=weights)
+    name = default_extractor(u8.shape[1:] if u8 is not None else model if model is not None else ())
+    return get_extractor(name, device=device, weights_path=weights)
 
 
 def _sampled_fid(out: dict, model, sched, checkpoint, n, seed, settings, batch, ext, refstats, ranks, progress,

@@ -181,6 +181,12 @@ def _cost(spec: str, device: str | None, profile=None) -> Cost:
                 device=device, profile=profile)
 
 
+def default_objective(device: str) -> str:
+    """Measured latency where latency is what the user will pay (a GPU); on a CPU, serial passes,
+    because CPU latency pays for every token processed, not for the passes a GPU would."""
+    return "latency" if str(device).startswith("cuda") else "passes"
+
+
 def parse_objective(text: str) -> Objective:
     """`latency`, `passes` or `cost:DEVICE.json` as an objective; a bad name or an unreadable
     device profile is one line naming the setting."""
