@@ -149,7 +149,8 @@ def tune_config(model, device: str, settings, log=print, **options):
     """The TuneConfig of a tune: the device-dependent defaults (extractors, objective) filled in,
     the modes checked, and a note when Inception features will take minutes on this CPU."""
     from tarflow.solvers import SOLVER_NAMES
-    from tuner.quality.extractors import INCEPTION_CPU_S, default_extractor
+    from tuner.quality.extractors import INCEPTION_CPU_S, tune_extractors
+    from tuner.search.objectives import default_objective
     from tuner.search.config import TuneConfig
     from tuner.search.space import MODES
 
@@ -159,9 +160,8 @@ def tune_config(model, device: str, settings, log=print, **options):
     if options["solver"] not in SOLVER_NAMES:  # the search builds it only after the profile
         raise UserError(f"solver must be one of {', '.join(SOLVER_NAMES)}, got {options['solver']!r}",
                         setting="solver")
-    ext = options["extractor"] or ("inception" if device == "cuda" else default_extractor(model))
-    vext = options["verify_extractor"] or ("inception" if device == "cuda" else ext)
-    objective = options["objective"] or ("latency" if device == "cuda" else "passes")
+    ext, vext = tune_extractors(model, device, options["extractor"], options["verify_extractor"])
+    objective = options["objective"] or default_objective(device)
     cfg = TuneConfig(**(options | {"extractor": ext, "verify_extractor": vext, "objective": objective,
                                    "sampling": settings}))
     images = (cfg.trials + 4) * cfg.n * (ext == "inception") + 4 * cfg.verify_n * (vext == "inception")
