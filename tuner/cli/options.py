@@ -7,6 +7,7 @@ import functools
 import inspect
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,9 @@ import typer
 from tarflow.errors import UserError
 
 def user_errors(fn):
-    """Bad input -> one line on stderr and exit code 2, never a traceback."""
+    """Bad input -> one line on stderr and exit code 2, never a traceback. A study storage that
+    stayed away past --storage-retry -> one line and its own exit code (3), so a scheduler can
+    tell "rerun with --resume later" from "fix the command"."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -26,6 +29,12 @@ def user_errors(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
+        except BaseException as e:
+            outage = sys.modules.get("tuner.search.outage")  # loaded by whatever could raise it
+            if outage is None or not isinstance(e, outage.StorageGone):
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(outage.EXIT_CODE) from None
     return wrapper
 
 

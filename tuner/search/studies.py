@@ -78,11 +78,15 @@ def study_config(cfg, model, device) -> dict:
             "sampling": cfg.sampling.to_dict()}
 
 
-def open_storage(url: str, heartbeat: int):
+def open_storage(url: str, heartbeat: int, retry: float | None = None, log=print):
     """The study storage, with a heartbeat: a trial whose process died (kill -9, pre-emption) stops
     beating, is marked FAIL after 2 x `heartbeat` seconds by the next worker or --resume, and is
-    retried once as a fresh trial."""
+    retried once as a fresh trial. With `retry` (seconds), opening it and every operation on it
+    ride out a lost connection for that long (tuner.search.outage), else raise StorageGone;
+    without, an unreachable storage is a UserError at once (the check before any work)."""
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    from tuner.search.outage import Outage, retrying
 
     shown = re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)  # no password in messages
     if url.startswith("postgresql://"):  # one driver, whichever SQLAlchemy would default to
@@ -92,13 +96,18 @@ def open_storage(url: str, heartbeat: int):
             import psycopg  # noqa: F401
         except ImportError:
             raise UserError("a PostgreSQL storage needs its driver: pip install 'tarflow-tuner[postgres]'") from None
+
+    def rdb(lost=False):
+        with warnings.catch_warnings():  # heartbeats are marked experimental in optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                              engine_kwargs=_connect_timeout(url))
+
+    outage = None if retry is None else Outage(shown, retry, log)
     for attempt in range(5):
         try:
-            with warnings.catch_warnings():  # heartbeats are marked experimental in optuna
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-                                  engine_kwargs=_connect_timeout(url))
+            return rdb() if outage is None else retrying(outage.run(rdb), outage)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             # workers started together race to create the tables: the loser retries
             if attempt == 4:
@@ -109,8 +118,13 @@ def open_storage(url: str, heartbeat: int):
 
 
 def _connect_timeout(url: str) -> dict:
-    """Fail within seconds on an unreachable database server instead of hanging."""
-    return {"connect_args": {"connect_timeout": 5}} if url.startswith("postgresql") else {}
+    """Fail within seconds on an unreachable database server instead of hanging, also on a
+    connection that died silently (keepalives); check a pooled connection before using it, since
+    a restarted server has closed them all."""
+    if not url.startswith("postgresql"):
+        return {"pool_pre_ping": True}
+    return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 30,
+                                                    "keepalives_interval": 10, "keepalives_count": 3}}
 
 
 def crashpoint(name: str, trial: int) -> None:
@@ -198,7 +212,8 @@ def export_once(study: optuna.Study, heartbeat: int, produce, log=print, poll: f
     in the study; every other worker waits for that stored result, so all report the same plans.
     A claim whose worker died (no beat for 2 x heartbeat) is taken over. The result is keyed by
     the number of finished trials, so `--resume` of a finished study reuses it and a study that
-    grows is exported again."""
+    grows is exported again; trials pruned over the cap do not count (they did no work, and one
+    started by a late worker after the export must not cause a second)."""
     storage, said, seen = study._storage, set(), {}
     while True:
         with warnings.catch_warnings():
@@ -206,7 +221,7 @@ def export_once(study: optuna.Study, heartbeat: int, produce, log=print, poll: f
             optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         running = sum(t.state == TrialState.RUNNING for t in trials)
-        finished = sum(t.state.is_finished() for t in trials)
+        finished = sum(t.state.is_finished() and not t.user_attrs.get("over_cap") for t in trials)
         key = f"result@{finished}"
         if running:
             _say(log, said, f"waiting for {running} running trial(s) of other workers ...")
@@ -242,8 +257,13 @@ class _Claim:
         self.storage.set_study_user_attr(self.study_id, "beat", time.time())
 
     def _run(self):
-        while not self._stop.wait(self.heartbeat):
-            self._beat()
+        from tuner.search.outage import StorageGone
+
+        try:
+            while not self._stop.wait(self.heartbeat):
+                self._beat()
+        except StorageGone:
+            pass  # the worker's own next storage operation reports it, not a thread's traceback
 
     def __enter__(self):
         self._thread.start()
