@@ -177,7 +177,9 @@ def _sample(model, noise, schedule, labels, settings, callback, check_every, sol
         block, plan = model.blocks[k], plans[k]
         solver = CountedSolver(solvers(block, labels, n, settings, x.device, wdtype))
         mode = block_mode(plan, T)
-        xb = SOLVERS[mode](solver, block.permute(x), plan, stats, check_every)
+        guess = schedule.guesses.get(k)
+        calibrated = guess.tensors(x.device, x.dtype) if guess is not None else None
+        xb = SOLVERS[mode](solver, block.permute(x), plan, stats, check_every, calibrated)
         stats.calls.append(solver.calls)
         if callback:
             callback({"block": k, "mode": mode, "x": xb})

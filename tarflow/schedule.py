@@ -10,6 +10,11 @@ Built-in names, with optional inline parameters (`name:key=value,...`):
   sejd:tol=0.05,init=zeros,anderson=0   block sampled first sequential, the rest one-segment Jacobi
                                    with early stop on the max-norm update (after arXiv 2505.24791)
   frontier:window=T,tol=0,init=zeros,max_passes=T   every block in frontier mode
+
+Init `calibrated` needs numbers fitted to the model (`tarflow.guess.CalibratedGuess`, made by
+the tuner's profile); a schedule using it carries them under `guesses` and is written as schema
+version 4. Every other schedule is still written as version 3, so tools that predate the
+calibrated guess keep reading it.
 """
 
 from __future__ import annotations
@@ -22,12 +27,19 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_text
 from .errors import UserError
+from .guess import CalibratedGuess
 from .settings import SamplingSettings
 
-SCHEMA_VERSION = 3  # 2 added `anderson`, 3 the frontier mode (`mode`, `window`); 1 and 2 still load
-READABLE_VERSIONS = (1, 2, 3)
+# 2 added `anderson`, 3 the frontier mode (`mode`, `window`), 4 `guesses` (init calibrated);
+# a file is written at the lowest version that can say it (3 without guesses); 1..3 still load
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MODES = ("segments", "frontier")
-INITS = ("zeros", "z")  # initial Jacobi guess: zeros (token 0 kept) or the block's input noise z
+# initial Jacobi guess: zeros (token 0 kept), the block's input noise z, or the fitted line
+# offset + scale * z the schedule carries (`tarflow.guess`)
+INITS = ("zeros", "z", "calibrated")
+FITTED_INITS = ("calibrated",)  # need numbers fitted to the model, carried in `Schedule.guesses`
+TOP_KEYS = ("schema_version", "name", "fingerprint", "blocks", "provenance", "guesses")
 ANDERSON_MAX = 5  # longest Anderson history a plan may ask for
 PLAN_KEYS = ("block", "segments", "max_iters", "init", "tol", "anderson", "mode", "window")
 
@@ -96,21 +108,42 @@ class BlockPlan:
 
 @dataclass(frozen=True)
 class Schedule:
+    """Plans in sampling order, the model they were made for and, for blocks whose init is
+    `calibrated`, that block's fitted guess (forward block index -> CalibratedGuess). Guesses
+    for blocks that do not use them are dropped, so the search can hand over a profile's all."""
+
     plans: tuple[BlockPlan, ...]  # sampling order
     fingerprint: dict | None = None
     name: str = "custom"
     provenance: dict = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
+    guesses: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        """A plan with init calibrated and no guess is refused here, not halfway into a sample."""
+        need = {p.block for p in self.plans if p.init == "calibrated"}
+        missing = sorted(need - set(self.guesses))
+        if missing:
+            raise UserError(f"schedule '{self.name}': block {missing[0]} has init 'calibrated' but the schedule "
+                            "carries no calibrated guess for it (fit one with the tuner's profile)")
+        object.__setattr__(self, "guesses", {b: self.guesses[b] for b in sorted(need)})
+
+    @property
+    def schema_version(self) -> int:
+        """The lowest version that can say this schedule: 4 with guesses, else 3."""
+        return SCHEMA_VERSION if self.guesses else 3
 
     # --- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
+        d = {
             "schema_version": self.schema_version,
             "name": self.name,
             "fingerprint": copy.deepcopy(self.fingerprint),
             "blocks": [p.to_dict() for p in self.plans],
             "provenance": copy.deepcopy(self.provenance),
         }
+        if self.guesses:
+            d["guesses"] = {str(b): g.to_dict() for b, g in self.guesses.items()}
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -137,17 +170,22 @@ class Schedule:
         blocks = obj.get("blocks")
         if not isinstance(blocks, list) or not blocks:
             raise UserError(f"{source}: 'blocks' must be a non-empty list")
-        unknown = set(obj) - {"schema_version", "name", "fingerprint", "blocks", "provenance"}
+        unknown = set(obj) - (set(TOP_KEYS) - ({"guesses"} if version < 4 else set()))
         if unknown:
             raise UserError(f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))}")
         plans = tuple(_plan_from_dict(b, f"{source}: blocks[{i}]") for i, b in enumerate(blocks))
+        guesses = _guesses_from_dict(obj.get("guesses", {}), f"{source}: guesses")
         fp = obj.get("fingerprint")
         if fp is not None and not isinstance(fp, dict):
             raise UserError(f"{source}: 'fingerprint' must be an object or null")
         prov = obj.get("provenance") or {}
         if not isinstance(prov, dict):
             raise UserError(f"{source}: 'provenance' must be an object")
-        return cls(plans=plans, fingerprint=fp, name=str(obj.get("name", "custom")), provenance=prov)
+        name = str(obj.get("name", "custom"))
+        try:
+            return cls(plans=plans, fingerprint=fp, name=name, provenance=prov, guesses=guesses)
+        except UserError as e:
+            raise UserError(f"{source}: {e}", setting=e.setting) from None
 
     @classmethod
     def load(cls, path) -> "Schedule":
@@ -174,6 +212,10 @@ class Schedule:
                 what = f"segments={p.segments}" if p.segments > T else f"window={p.window}"
                 raise UserError(f"schedule '{self.name}': block {p.block} {what} "
                                 f"exceeds the sequence length T={T}")
+        for b, g in self.guesses.items():
+            if g.shape != (T, model.cfg.token_dim):
+                raise UserError(f"schedule '{self.name}': the calibrated guess of block {b} is {g.shape[0]}x"
+                                f"{g.shape[1]}, the model has {T} tokens of {model.cfg.token_dim} values")
         fp = model.fingerprint
         if not force and self.fingerprint is not None and fp is not None and self.fingerprint != fp:
             what = "architecture" if self.fingerprint.get("arch") != fp.get("arch") else "weights"
@@ -192,6 +234,18 @@ class Schedule:
 
     def with_provenance(self, **kv) -> "Schedule":
         return replace(self, provenance={**self.provenance, **kv})
+
+
+def _guesses_from_dict(d, where: str) -> dict:
+    """{"3": {...}} -> {3: CalibratedGuess}; keys are forward block indices."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected an object keyed by block index")
+    out = {}
+    for key, g in d.items():
+        if not key.isdigit():
+            raise UserError(f"{where}: key {key!r} is not a block index")
+        out[int(key)] = CalibratedGuess.from_dict(g, f"{where}.{key}")
+    return out
 
 
 def _plan_from_dict(d, where: str) -> BlockPlan:
@@ -257,6 +311,9 @@ def builtin_schedule(spec: str, model) -> Schedule:
     else:
         raise UserError(f"unknown schedule '{spec}': give a JSON file or one of sequential, jacobi, sejd, "
                         "frontier")
+    if any(p.init == "calibrated" for p in plans):
+        raise UserError(f"schedule '{spec}': init 'calibrated' needs a guess fitted to the model, which a "
+                        "built-in schedule does not carry (use a tuned schedule file)")
     return Schedule(plans=tuple(plans), fingerprint=model.fingerprint, name=spec)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .guess import start
 from .model import exp_fp32
 from .schedule import BlockPlan
 
@@ -58,7 +59,7 @@ def anderson_mix(xs_hist: list, g_hist: list, exact: int):
 
 
 def solve_segment(solver, z, x, s: int, e: int, plan: BlockPlan, carry, last: bool,
-                  check_every: int = 1, record=None):
+                  check_every: int = 1, record=None, guess=None, calibrated=None):
     """Jacobi passes on block-order tokens [s, e) of x (written in place); returns (carry, used, residual).
 
     Token s is exact before the first pass (its parameters `carry` come from the previous
@@ -68,10 +69,13 @@ def solve_segment(solver, z, x, s: int, e: int, plan: BlockPlan, carry, last: bo
     segment of a block needs no K/V and keeps the newest iterate. With `plan.anderson` = m the
     next iterate is Anderson-mixed over the last m passes; `residual` is always the plain
     update max |G(x) - x|, the fixed-point residual the tolerance is compared with.
+    The start is `plan.init` (`tarflow.guess.start`; `calibrated` = the block's (offset, scale))
+    or, when given, `guess` (N, e - s, D), which `studies/inits` uses to measure candidates; its
+    first token is overwritten like any guess's, so exactness never depends on the guess.
     """
     L = e - s
     zs = z[:, s:e]
-    xs = zs.clone() if plan.init == "z" else torch.zeros_like(zs)
+    xs = start(plan.init, zs, s, calibrated) if guess is None else guess.to(zs.dtype).clone()
     xs[:, 0] = zs[:, 0] if carry is None else affine_inverse(zs[:, 0], *carry)
     budget = min(plan.max_iters, L - 1 if last else L)
     used, residual = 0, torch.zeros((), device=z.device, dtype=z.dtype)
@@ -104,7 +108,7 @@ def solve_segment(solver, z, x, s: int, e: int, plan: BlockPlan, carry, last: bo
 
 
 @torch.no_grad()
-def solve_sequential(solver, z, plan: BlockPlan, stats, check_every: int):
+def solve_sequential(solver, z, plan: BlockPlan, stats, check_every: int, calibrated=None):
     """Exact inverse of one block: token by token, one single-token transformer step each."""
     T = z.shape[1]
     x = z.clone()  # token 0 is its own inverse; the rest are overwritten in order
@@ -116,12 +120,13 @@ def solve_sequential(solver, z, plan: BlockPlan, stats, check_every: int):
 
 
 @torch.no_grad()
-def solve_jacobi(solver, z, plan: BlockPlan, stats, check_every: int):
+def solve_jacobi(solver, z, plan: BlockPlan, stats, check_every: int, calibrated=None):
     """One block by Gauss-Seidel over segments, each by Jacobi passes (arXiv 2505.12849).
 
     A segment stops once max |x_new - x| over its tokens, channels and the whole batch is
     <= plan.tol, or after plan.max_iters passes. A non-finite segment is re-solved token by
-    token and reported in `stats.fallbacks`.
+    token and reported in `stats.fallbacks`. `calibrated`: the block's (offset, scale) for
+    init calibrated.
     """
     T, k = z.shape[1], plan.block
     x = torch.empty_like(z)
@@ -129,7 +134,7 @@ def solve_jacobi(solver, z, plan: BlockPlan, stats, check_every: int):
     for j, (s, e) in enumerate(segment_bounds(T, plan.segments)):
         last = e == T
         prev = carry
-        carry, used, r = solve_segment(solver, z, x, s, e, plan, prev, last, check_every)
+        carry, used, r = solve_segment(solver, z, x, s, e, plan, prev, last, check_every, calibrated=calibrated)
         tokens += used * (e - s)
         bad = not torch.isfinite(x[:, s:e]).all() or (carry is not None and not (
             torch.isfinite(carry[0]).all() and torch.isfinite(carry[1]).all()))
@@ -148,7 +153,7 @@ def solve_jacobi(solver, z, plan: BlockPlan, stats, check_every: int):
 
 
 @torch.no_grad()
-def solve_frontier(solver, z, plan: BlockPlan, stats, check_every: int):
+def solve_frontier(solver, z, plan: BlockPlan, stats, check_every: int, calibrated=None):
     """One block by a moving frontier: tokens <= f are final, and so is their K/V.
 
     Each pass runs the window tokens [f, f + W) through the transformer in one call (writing
@@ -167,7 +172,7 @@ def solve_frontier(solver, z, plan: BlockPlan, stats, check_every: int):
     one transfer); the frontier itself lives on the host.
     """
     T, W = z.shape[1], plan.window
-    x = z.clone() if plan.init == "z" else torch.zeros_like(z)
+    x = start(plan.init, z, 0, calibrated)
     x[:, 0] = z[:, 0]
     f, passes, tokens, residual = 0, 0, 0, 0.0
     while f < T - 1 and passes < plan.max_iters:
