@@ -7,6 +7,7 @@ the same defaults and the same files in `out`:
     from tuner.api import profile, tune
 
     prof = profile(model, data="calib.npz")                    # a tuner.measure.profile.Profile
+    print("\n".join(plan(model, profile=prof, trials=50).lines()))  # what tune would cost, nothing run
     summary, schedule = tune(model, data="calib.npz", out="runs/mine")
 
 `model` is a `TarFlow` or anything `tarflow.checkpoint.as_tarflow` accepts (an nn.Module or a
@@ -31,6 +32,7 @@ from tuner.bundled import DEFAULT_CALIB
 if TYPE_CHECKING:
     from tarflow.schedule import Schedule
     from tuner.measure.profile import Profile
+    from tuner.search.plan import Forecast
     from tuner.search.summary import StudySummary
 
 PROFILE_FILES = ("profile.csv", "convergence.csv", "iters_to_tol.csv", "profile.json")
@@ -117,6 +119,40 @@ def tune(model, *, data=DEFAULT_CALIB, settings=None, profile=None, out="runs/tu
 
         write_report(out, out / "report.html")
     return Tuned(summary, None if summary.schedule is None else Schedule.from_dict(summary.schedule))
+
+
+# the tune keywords that make its TuneConfig (tune_config), as `plan` passes them on
+CONFIG_KEYS = ("tolerance", "trials", "timeout", "batch", "n", "verify_n", "extractor", "verify_extractor",
+               "prune_rmse", "objective", "max_drift", "modes", "heartbeat", "solver", "seed", "storage_retry")
+
+
+def plan(model, *, data=DEFAULT_CALIB, settings=None, profile=None, log=print, progress=None, **options) -> Forecast:
+    """What `tune(model, **options)` would spend sampling, without running it: serial passes,
+    tokens and sequential-batch equivalents per stage and, from a sequential and a Jacobi batch
+    timed here (four batches are sampled), minutes on this device, plus minutes on the profiled
+    device with a `cost:` objective (`tuner.search.plan` says how it is estimated). Takes `tune`'s keywords and checks
+    them as `tune` does; those that only place the study (out, storage, study, overwrite, report,
+    checkpoint) are accepted and change nothing. Writes nothing and creates no study: the profile
+    is the one given, the one a `resume=True` study folder holds, or measured on `data` and not
+    kept. Returns a `Forecast` (`lines()` is what `tune` prints before its first trial)."""
+    import inspect
+
+    from tuner.search.plan import plan_tune
+
+    defaults = {k: p.default for k, p in inspect.signature(tune).parameters.items() if k != "model"}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise UserError(f"plan() got unknown option(s) {', '.join(unknown)} (it takes tune's keywords)",
+                        setting=",".join(unknown))
+    kw = defaults | options
+    model, settings, device = prepare(model, settings)
+    cfg = tune_config(model, device, settings, log, **{k: kw[k] for k in CONFIG_KEYS} | {"modes": tuple(kw["modes"])})
+    _preflight(cfg, model, None)
+    prof = _given_profile(profile, model, settings) or _reused_profile(Path(kw["out"]) / "profile", kw["resume"])
+    calib = _calibration(model, data, None, cfg.seed, settings) if prof is None else None
+    with _shown(progress):
+        prof = prof or _measure(model, calib, settings, 64, progress, None)
+    return plan_tune(model, prof, cfg, device)
 
 
 def prepare(model, settings):

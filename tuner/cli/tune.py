@@ -75,21 +75,32 @@ def tune(
     device: str = "auto",
     out: Path = typer.Option(Path(_API["out"]), help="study folder"),
     overwrite: bool = typer.Option(False, help="replace an existing schedule.json in --out"),
+    plan: bool = typer.Option(False, "--plan", help="print what this tune would cost (serial passes, tokens, "
+                              "sequential batches; minutes from a few batches timed here) and exit: no trial "
+                              "runs, nothing is written (the profile is measured unless --resume finds one)"),
     search=None, study=None, sampling=None, geometry=None,
 ):
     """Search the fastest per-block schedule within an FID tolerance; writes schedule.json."""
-    from tuner.cli.verdict import nothing_exported_line, tune_lines
+    from tuner.cli.verdict import cost_lines, nothing_exported_line, tune_lines
 
-    api.check_out(out, ("schedule.json",), overwrite or study["resume"], "overwrite=True (or resume=True)")
+    if not plan:
+        api.check_out(out, ("schedule.json",), overwrite or study["resume"], "overwrite=True (or resume=True)")
     dev = resolve_device(device)
     model = load_model(checkpoint, geometry, dev, sampling.dtype_for(None))
     prog = progress_bar()
+    if plan:
+        fc = api.plan(model, data=data, settings=settings_for(sampling, model), out=out, log=prog.console.print,
+                      progress=prog, **search, **study)
+        for line in fc.lines():
+            typer.echo(line)
+        return
     summary, _ = api.tune(model, data=data, settings=settings_for(sampling, model), out=out,
                           overwrite=overwrite, checkpoint=portable(checkpoint), log=prog.console.print,
                           progress=prog, **search, **study)
     if summary.schedule is None:
-        typer.echo(nothing_exported_line(summary, out), err=True)
+        for line in [nothing_exported_line(summary, out), *cost_lines(summary)]:
+            typer.echo(line, err=True)
         raise typer.Exit(1)
-    for line in tune_lines(summary, out):
+    for line in tune_lines(summary, out) + cost_lines(summary):
         typer.echo(line)
     typer.echo(f"report -> {out / 'report.html'}")

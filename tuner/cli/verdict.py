@@ -35,3 +35,25 @@ def nothing_exported_line(summary, out: Path) -> str:
     drift = " and the drift limit" if summary.config.get("max_drift") is not None else ""
     return (f"no schedule met FID tolerance {summary.tolerance:g}{drift} on fresh noise ({summary.trials} "
             f"trials); nothing exported (see {out}/trials.csv){kept}")
+
+
+def cost_lines(summary) -> list[str]:
+    """What the tune itself spent sampling (summary.cost, tuner.search.accounting), against what it
+    announced before its first trial; nothing for summaries written before costs were recorded."""
+    from tuner.search.accounting import STAGE_TITLES, fmt_count
+
+    cost = summary.cost
+    if cost is None:
+        return []
+    tot, s = cost.total, cost.stages
+    parts = [f"{STAGE_TITLES[k].split(' (')[0]} {fmt_count(v.passes)}" for k, v in s.items()]
+    parts[0] += f" ({cost.trials} trials" + (
+        f", {cost.stopped_early} stopped early for {fmt_count(cost.stopped_early_passes)}" if cost.stopped_early
+        else "") + (f"; {cost.unrecorded} older trials unrecorded" if cost.unrecorded else "") + ")"
+    seq = f" = {tot.sequential_batches:,.0f} sequential batches of {summary.batch}" if tot.sequential_batches else ""
+    lines = [f"this tune cost {fmt_count(tot.passes)} serial passes{seq}, {fmt_count(tot.tokens)} tokens, "
+             f"{tot.seconds / 60:.1f} min sampling and scoring: {', '.join(parts)}"]
+    if cost.estimate:
+        est = sum(v.passes for v in cost.estimate.values())
+        lines.append(f"  (announced before the first trial: ~{fmt_count(est)} passes)")
+    return lines

@@ -71,11 +71,14 @@ def launch(workers: int) -> int:
 
 
 def sample_features(model, schedule, noise, labels, *, settings, batch: int, extractor, ranks: Ranks,
-                    progress: bool = False, solvers=None):
+                    progress: bool = False, solvers=None, stats: list | None = None):
     """This rank's samples (model space, for paired metrics) and the features of all samples
-    (on rank 0; None elsewhere). `solvers`: a tarflow.solvers.SolverChoice (default eager)."""
+    (on rank 0; None elsewhere). `solvers`: a tarflow.solvers.SolverChoice (default eager);
+    `stats`, when given, receives this rank's per-batch SamplerStats (what the sampling cost)."""
     part = ranks.span(len(noise), batch)
-    x, _ = sample_batched(model, schedule, noise[part], None if labels is None else labels[part],
-                          settings=settings, batch=batch, **({} if solvers is None else {"solvers": solvers}))
+    x, batch_stats = sample_batched(model, schedule, noise[part], None if labels is None else labels[part],
+                                    settings=settings, batch=batch, **({} if solvers is None else {"solvers": solvers}))
+    if stats is not None:
+        stats.extend(batch_stats)
     feats = extractor.features(to_uint8(x), progress=progress and ranks.main)
     return x, ranks.gather(feats)

@@ -27,6 +27,10 @@ def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
     smaller than that (see `fid_resolution`) say nothing about a schedule. `known` maps a seed
     to a FID already measured with these exact settings, so it is not paid for twice. Under
     torchrun (`ranks`) the sampling is split and the floor returned on rank 0 only.
+
+    What the sampling cost is recorded with it, as the sampler counted it: `passes` (serial
+    transformer passes), `tokens` and `batches` summed over the seeds sampled here (rank 0's
+    share under torchrun; seeds in `known` cost nothing), beside `sampling_seconds`.
     """
     settings = settings or SamplingSettings()
     seeds = tuple(int(s) for s in seeds)
@@ -34,7 +38,7 @@ def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
         raise UserError(f"the noise floor needs >= 3 distinct seeds, got {seeds}")
     ext = get_extractor(extractor) if isinstance(extractor, str) else extractor
     seq = resolve_schedule("sequential", model)
-    values, secs = [], 0.0
+    values, secs, stats = [], 0.0, []
     known = known or {}
     for s in seeds:
         if s in known:
@@ -44,7 +48,7 @@ def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
         t0 = time.perf_counter()
         x, feats = sample_features(model, seq, make_noise(n, model, s), settings.make_labels(n, model, s),
                                    settings=settings, batch=batch, extractor=ext, ranks=ranks,
-                                   progress=progress, solvers=solvers)
+                                   progress=progress, solvers=solvers, stats=stats)
         secs += time.perf_counter() - t0
         if ranks.main:
             values.append(fid_against(to_uint8(x), ref, ext, features=feats).fid)
@@ -53,7 +57,8 @@ def noise_floor(model, *, ref: RefStats, extractor, n: int, seeds=(0, 1, 2),
     std = float(np.std(values, ddof=1))
     floor = {"mean": float(np.mean(values)), "std": std, "values": values, "n": n,
              "extractor": ext.id, "seeds": list(seeds), "sampling": settings.to_dict(),
-             "sampling_seconds": round(secs, 2)}
+             "sampling_seconds": round(secs, 2), "passes": sum(st.passes for st in stats),
+             "tokens": sum(sum(st.tokens) for st in stats), "batches": len(stats)}
     floor["resolution"] = fid_resolution(floor)
     return floor
 

@@ -1,9 +1,12 @@
 """Trial evaluation: sample one schedule on the search noise and measure what the objective and
 the constraints need. Every run returns one `RunResult` and every trial one `TrialResult`; no
-state is passed between methods through attributes."""
+state is passed between methods through attributes. A trial is screened batch by batch
+(`Screen`) and records what it spent sampling, also when it is stopped part-way
+(tuner.search.accounting)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +21,8 @@ from tarflow.solvers import SolverChoice
 from tuner.measure.profile import Profile
 from tuner.measure.timing import summarize, timed
 from tuner.quality.fid import fid_against
-from tuner.quality.paired import paired_proxy
+from tuner.quality.paired import paired_proxy, pixel_drift, proxy_summary
+from tuner.search.accounting import TRIAL_ATTR, Spent
 from tuner.search.config import TuneConfig
 from tuner.search.objectives import RunCounts
 from tuner.search.space import SearchSpace
@@ -52,6 +56,7 @@ class Baseline:
     fid: float
     latency: dict
     value: float  # the objective's value (its unit), what every trial's value is compared with
+    spent: Spent = field(default_factory=Spent)  # what sampling it cost (seconds: sampling and features)
 
 
 @dataclass
@@ -91,24 +96,29 @@ class Evaluator:
     def schedule_from_params(self, params: dict, name: str) -> Schedule:
         return self.space.schedule_from_params(params, name, self.model.fingerprint)
 
-    def run(self, sched: Schedule, noise, labels, on_first_batch=None, trial_number: int = -1) -> RunResult:
-        """Sample `noise` in batches of cfg.batch; the first batch is the warm-up and, through
-        `on_first_batch(x)`, the cheap screen that may prune the trial."""
+    def run(self, sched: Schedule, noise, labels, on_batch=None, trial_number: int = -1,
+            spent: Spent | None = None) -> RunResult:
+        """Sample `noise` in batches of cfg.batch; the first batch is the warm-up. After each batch
+        `on_batch(i, x)` (batch index, its samples) may stop the run by raising (a pruned trial);
+        `spent` has then counted every batch sampled (tuner.search.accounting)."""
         bs, cost = self.cfg.batch, self.cfg.cost_model
         xs, secs, passes, iters, fallbacks, modelled = [], [], 0, None, 0, 0.0
         for i in range(0, len(noise), bs):
             lab = None if labels is None else labels[i:i + bs]
             (x, st), s = timed(lambda: sample(self.model, noise[i:i + bs], sched, labels=lab,
                                               settings=self.cfg.sampling, solvers=self.solvers), self.device)
+            if spent is not None:
+                spent.add(st)
             xs.append(x.float().cpu())
             passes += st.passes
             fallbacks += len(st.fallbacks)
             if cost is not None:
                 modelled += cost.cost(st.calls, st.blocks)
             iters = iters or st.iters
-            if i == 0 and on_first_batch is not None:
-                on_first_batch(xs[0])
-                crashpoint("sampling", trial_number)
+            if on_batch is not None:
+                on_batch(i // bs, xs[-1])
+                if i == 0:
+                    crashpoint("sampling", trial_number)
             if i > 0 or len(noise) <= bs:
                 secs.append(s)
         batches = -(-len(noise) // bs)
@@ -123,37 +133,39 @@ class Evaluator:
 
     def prepare(self) -> Baseline:
         """Sequential samples, features and FID on the search noise (computed once per run)."""
-        cfg = self.cfg
+        cfg, t0, spent = self.cfg, time.perf_counter(), Spent()
         noise = make_noise(cfg.n, self.model, cfg.seed)
         labels = cfg.sampling.make_labels(cfg.n, self.model, cfg.seed)
-        r = self.run(builtin_schedule("sequential", self.model), noise, labels)
+        r = self.run(builtin_schedule("sequential", self.model), noise, labels, spent=spent)
         feats, fid = self.fid_of(r.x)
-        self.baseline = Baseline(noise, labels, r.x, feats, fid, r.latency, self.goal.value(r.counts()))
+        spent.seconds = time.perf_counter() - t0
+        self.baseline = Baseline(noise, labels, r.x, feats, fid, r.latency, self.goal.value(r.counts()), spent)
         return self.baseline
 
-    def evaluate(self, sched: Schedule, on_first_batch=None, trial_number: int = -1) -> TrialResult:
-        base = self.baseline
-        screen = None if on_first_batch is None else (
-            lambda x0: on_first_batch(paired_proxy(x0, base.x[:len(x0)])))
-        r = self.run(sched, base.noise, base.labels, screen, trial_number)
+    def evaluate(self, sched: Schedule, screen=None, trial_number: int = -1, spent: Spent | None = None) -> TrialResult:
+        """One schedule on the search noise. `screen(i, rmse, nonfinite)` sees each batch's
+        per-sample drift against the sequential samples from the same noise (pixel RMSE 0-255,
+        non-finite flags) and may stop the run by raising; `spent` counts what was sampled."""
+        base, bs = self.baseline, self.cfg.batch
+        check = None if screen is None else (
+            lambda i, xb: screen(i, *pixel_drift(xb, base.x[i * bs:i * bs + len(xb)])))
+        r = self.run(sched, base.noise, base.labels, check, trial_number, spent)
         feats, fid = self.fid_of(r.x)
         proxy = paired_proxy(r.x, base.x, self.ext, features_schedule=feats, features_sequential=base.feats)
         return TrialResult(sched, self.goal.value(r.counts()), r, fid, fid - base.fid, proxy)
 
     def __call__(self, trial: optuna.Trial) -> float:
         sched = self.space.suggest(trial, f"trial-{trial.number}", self.model.fingerprint)
-
-        def screen(proxy):
-            trial.set_user_attr("warmup_rmse", proxy["rmse_mean"])
-            trial.report(proxy["rmse_mean"], step=0)
-            if proxy["nonfinite"] or proxy["rmse_mean"] > self.cfg.prune_rmse:
-                raise optuna.TrialPruned(f"paired proxy RMSE {proxy['rmse_mean']:.3g} > "
-                                         f"{self.cfg.prune_rmse:g}")
-
-        r = self.evaluate(sched, screen, trial.number)
+        spent, t0 = Spent(), time.perf_counter()
+        try:
+            r = self.evaluate(sched, Screen(trial, self.cfg, len(self.baseline.noise)), trial.number, spent)
+        except (optuna.TrialPruned, Exception):
+            _record_spent(trial, spent, t0)  # stopped part-way, it still paid for what it sampled
+            raise
         crashpoint("fid", trial.number)
         trial.set_user_attr("fid", r.fid)
         crashpoint("storage", trial.number)
+        _record_spent(trial, spent, t0)
         for key, value in r.user_attrs().items():
             if key != "fid" and value is not None:
                 trial.set_user_attr(key, value)
@@ -161,3 +173,58 @@ class Evaluator:
         if self.cfg.max_drift is not None:
             trial.set_constraint("drift", r.proxy["rmse_max"] - self.cfg.max_drift)
         return r.value
+
+
+def _record_spent(trial: optuna.Trial, spent: Spent, t0: float) -> None:
+    spent.seconds = time.perf_counter() - t0
+    trial.set_user_attr(TRIAL_ATTR, spent.record())
+
+
+class Screen:
+    """A trial's per-batch screen: it stops the trial as soon as the trial is hopeless, and says
+    why in `fail_reason` (trials.csv).
+
+    * Warm-up (the first batch): the mean drift above `prune_rmse`, or a non-finite sample -
+      the cheap screen of old, a heuristic (`warmup_rmse` keeps the figure).
+    * Every batch, with a drift limit: once the max per-sample drift over the batches so far
+      exceeds `max_drift`. The limit is on the max over all n samples, which batches still to
+      come can only raise, so this stop is exact: it prunes only trials that would have ended
+      infeasible, and no feasible one. The drift constraint is set to the violation seen so far (a
+      lower bound of the final one), so TPE counts the trial infeasible, as it would have.
+
+    There is no such stop for the FID constraint. FID at n is a function of the mean and
+    covariance of all n samples' features; the batches still to come can move both anywhere
+    (towards the reference as well as away), so the FID of a part bounds the final FID neither
+    from below nor from above, and a schedule whose first batches score badly can end within
+    the tolerance. A stop on a partial FID would be a statistical guess that silently discards
+    feasible trials; the per-sample drift, which is a max, is what can be screened exactly.
+    """
+
+    def __init__(self, trial: optuna.Trial, cfg: TuneConfig, n: int):
+        self.trial, self.cfg, self.batches = trial, cfg, -(-n // cfg.batch)
+        self.worst, self.seen = 0.0, []
+
+    def __call__(self, i: int, rmse, nonfinite) -> None:
+        cfg, trial = self.cfg, self.trial
+        self.worst = max(self.worst, float(rmse.max()))
+        self.seen.append((rmse, nonfinite))
+        if i == 0:
+            mean = float(rmse.mean())
+            trial.set_user_attr("warmup_rmse", mean)
+            trial.report(mean, step=0)
+            if nonfinite.any() or mean > cfg.prune_rmse:
+                self.stop(f"warm-up batch: {int(nonfinite.sum())} non-finite sample(s)" if nonfinite.any() else
+                          f"warm-up batch: paired proxy RMSE {mean:.3g} > {cfg.prune_rmse:g} (--prune-rmse)")
+        if cfg.max_drift is not None and self.worst > cfg.max_drift:
+            self.stop(f"drift {self.worst:.3g}/255 > limit {cfg.max_drift:g} on a sample of batch {i + 1} of "
+                      f"{self.batches}: stopped early (more batches can only raise the max)")
+
+    def stop(self, why: str) -> None:
+        """Prune: the paired proxy of the samples drawn so far is kept (its `n` says how many;
+        `rmse_max` is a lower bound of the full one), and the drift constraint when it is broken."""
+        if self.cfg.max_drift is not None and self.worst > self.cfg.max_drift:
+            self.trial.set_constraint("drift", self.worst - self.cfg.max_drift)
+        self.trial.set_user_attr("proxy", proxy_summary(np.concatenate([r for r, _ in self.seen]),
+                                                        np.concatenate([b for _, b in self.seen])))
+        self.trial.set_user_attr("fail_reason", f"pruned: {why}")
+        raise optuna.TrialPruned(why)

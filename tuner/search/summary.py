@@ -26,6 +26,7 @@ from tarflow.checkpoint import atomic_write_text, read_json
 from tarflow.errors import UserError
 from tarflow.settings import SamplingSettings
 
+from tuner.search.accounting import TuneCost
 from tuner.search.objectives import Objective, from_record, objective_of
 
 SUMMARY_VERSION = 2
@@ -84,6 +85,9 @@ class StudySummary:
     chosen_value: float | None = None  # the chosen trial's objective value (objective's unit)
     chosen_latency_s: float | None = None  # its measured search-time median seconds per batch
     final_latency: dict[str, dict] = field(default_factory=dict)  # re-timed: name -> timing stats
+    # what the tune itself spent sampling, per stage, and what it announced (tuner.search.accounting);
+    # None in summaries written before it was recorded (they load unchanged: same version)
+    cost: TuneCost | None = None
     version: int = SUMMARY_VERSION
 
     def to_dict(self) -> dict:
@@ -118,8 +122,9 @@ class StudySummary:
             return cls(**(d | {
                 "sampling": SamplingSettings.from_dict(d["sampling"], f"{source}: sampling"),
                 "sequential": Sequential(**d["sequential"]),
-                "seeds": {k: SeedResult(**v) for k, v in d["seeds"].items()}}))
-        except (TypeError, AttributeError) as e:
+                "seeds": {k: SeedResult(**v) for k, v in d["seeds"].items()},
+                "cost": None if d.get("cost") is None else TuneCost.from_dict(d["cost"])}))
+        except (TypeError, AttributeError, KeyError, ValueError) as e:
             raise UserError(f"{source}: not a valid study summary ({e})") from None
 
     @classmethod
