@@ -15,8 +15,7 @@ from tuner.cli import app
 from tuner.quality.paired import paired_proxy
 from tuner.search.config import TuneConfig
 from tuner.search.seeds import seed_schedules
-from tuner.search.space import SearchSpace
-from tuner.search.space import TOL_CHOICES
+from tuner.search.space import LOG_TOL_RANGE, SearchSpace
 
 from .conftest import TINY_STUDY_ARGS
 
@@ -38,7 +37,7 @@ def test_tune_exports_a_valid_schedule_with_provenance(study, model):
     assert p["fid_verify"]["n"] == 64 and p["fid_verify"]["gap"] <= 50
     assert p["speedup_vs_sequential"] == pytest.approx(p["sequential_latency_s"] / p["latency_s"])
     seeds = p["speedup_vs_seeds"]  # the seeds that completed (pruned ones have no latency)
-    assert set(seeds) <= {"sequential", "paper", "sejd", "jacobi", "jacobi1", "frontier"}
+    assert set(seeds) <= {"sequential", "paper", "sejd", "jacobi", "jacobi1", "frontier", "model"}
     assert seeds["sequential"] == pytest.approx(p["speedup_vs_sequential"])
     assert "speed-up" in output and "x sequential" in output
     trials = pd.read_csv(out / "trials.csv")
@@ -119,5 +118,12 @@ def test_seed_schedules_lie_in_the_search_space(model):
     assert {p.mode for p in seeds["frontier"].plans} == {"frontier"} and seeds["frontier"].plans[0].window == 49
     for s in seeds.values():
         params = space.params_of(s)
-        assert params["tol"] in TOL_CHOICES
+        assert "tol" not in params  # one tolerance per block now
+        for p in s.plans:
+            name = f"b{p.block}_log_tol"
+            if p.mode == "frontier" or p.segments < T:
+                assert LOG_TOL_RANGE[0] <= params[name] <= LOG_TOL_RANGE[1]
+                assert SearchSpace.tol_of(params[name]) == p.tol
+            else:
+                assert name not in params and p.tol == 0  # token by token: no tolerance
         assert space.schedule_from_params(params).plans == s.plans

@@ -16,6 +16,8 @@ import warnings
 
 import numpy as np
 
+from tuner.search.space import SearchSpace
+
 from .html import PALETTE, STATE_COLORS, _seed_name, completed, esc, fid_tag, fig_html, ms, note, num, trial_state
 from .study import StudyFolder
 
@@ -241,16 +243,18 @@ def _numeric(dims: list, label: str, values) -> None:
 
 
 def plan_dimensions(st: StudyFolder, records: list[dict]) -> list[dict]:
-    """The trials' schedules decoded by the search space, as parallel-coordinate axes: the shared
-    tolerance, then per block in sampling order its solver, initial guess, pass budget (segments)
-    and Anderson history (where any trial used it)."""
+    """The trials' schedules decoded by the search space, as parallel-coordinate axes: per block
+    in sampling order its solver, initial guess, tolerance (log10; exact at the axis' bottom,
+    none for a token-by-token block), pass budget (segments) and Anderson history (where any
+    trial used it). Studies from before per-block tolerances show their shared one on every block."""
     T, dims = st.T, []
     plans = [{int(p["block"]): p for p in st.space.plans_from_row(r) or []} for r in records]
-    _categorical(dims, "tol", [next(iter(ps.values()))["tol"] if ps else np.nan for ps in plans])
     for k in range(st.B - 1, -1, -1):
         ps = [m.get(k) for m in plans]
         _categorical(dims, f"b{k} solver", [_solver(p, T) for p in ps])
         _categorical(dims, f"b{k} init", [p["init"] if p else np.nan for p in ps])
+        tolerant = [p if p and (p.get("mode") == "frontier" or p["segments"] < T) else None for p in ps]
+        _numeric(dims, f"b{k} log10 tol", [np.nan if p is None else SearchSpace.log_tol(p["tol"]) for p in tolerant])
         segmented = [p if p and p.get("mode") != "frontier" and p["segments"] < T else None for p in ps]
         _numeric(dims, f"b{k} budget", [p["max_iters"] if p else np.nan for p in segmented])
         if any(p and p.get("anderson") for p in segmented):

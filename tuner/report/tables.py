@@ -5,10 +5,11 @@ from __future__ import annotations
 from .html import _seed_name, _truthy, completed, esc, fid_tag, ms, note, num, table, trial_state
 from .study import StudyFolder
 
-SEED_ORDER = ("sequential", "jacobi", "jacobi1", "paper", "sejd")
+SEED_ORDER = ("sequential", "jacobi", "jacobi1", "paper", "sejd", "model")
 SEED_TITLES = {"sequential": "sequential (exact reference)", "jacobi": "uniform Jacobi",
                "jacobi1": "one-segment Jacobi",
-               "paper": "paper heuristic (CRM/IGM)", "sejd": "SeJD rule"}
+               "paper": "paper heuristic (CRM/IGM)", "sejd": "SeJD rule",
+               "model": "drift model (per-block tolerances)"}
 
 
 def format_plan(p: dict, T: int) -> str:
@@ -84,7 +85,30 @@ def comparison_tables(st: StudyFolder) -> str:
     rows = comparison_rows(st)
     if not rows:
         return note("No schedules to compare (summary.json lists no seed trials).")
-    return _overall_table(st, rows) + _per_block_table(st, rows)
+    return _overall_table(st, rows) + prediction_table(st) + _per_block_table(st, rows)
+
+
+def prediction_table(st: StudyFolder) -> str:
+    """The model seed's prediction beside what its trial measured (trials.csv's predicted_*
+    columns; empty for studies without a model seed)."""
+    t = st.trials
+    if t is None or "predicted_drift" not in t or not (t.seed == "model").any():
+        return ""
+    r = t[t.seed == "model"].iloc[0].to_dict()
+    done = trial_state(r) in ("feasible", "infeasible")
+    drift, passes = r.get("proxy_rmse_max") if done else None, r.get("objective") if done else None
+    ratio = "–" if not drift or not r["predicted_drift"] else f"{drift / r['predicted_drift']:.2f}×"
+    n = st.search_fid[1]
+    passes_shown = passes if st.goal.kind == "passes" else None
+    return table(["model seed (trial)", "predicted worst drift (0–255)", "measured worst drift", "measured / predicted",
+                  "predicted passes / batch", "measured passes / batch"],
+                 [[esc(r.get("number")), num(r["predicted_drift"], ".3g"), num(drift, ".3g"), ratio,
+                   num(r["predicted_passes"], ".0f"), num(passes_shown, ".1f")]], cls="compare",
+                 caption=("The drift model's prediction for its seed: per block the drift and passes of one calibration "
+                          "batch solved at the block's tolerance with every other block exact, combined as a "
+                          "root-sum-square per sample (tuner.search.drift_model); measured: the seed trial over "
+                          f"the search's {n} samples ({trial_state(r)}). One batch does not see the search's tail, "
+                          "so measured / predicted above 1 is expected."))
 
 
 def _overall_table(st: StudyFolder, rows: list[dict]) -> str:

@@ -9,7 +9,8 @@ from tarflow.errors import UserError
 from tarflow.settings import SamplingSettings
 
 MIN_DRIFT_VERIFY_N = 256  # a per-sample limit is re-checked on at least this many fresh samples
-REFINE_TRIALS = 5  # at most this many of --trials go to refining the best schedule (see refine)
+REFINE_TRIALS = 12  # at most this many of --trials (and at most a third) bisect the best schedule's
+# per-block tolerances (tuner.search.refine): one trial per step, about 3 steps per block
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class TuneConfig:
     max_drift: float | None = None  # per-sample pixel RMSE (0-255) vs sequential, max over samples
     modes: tuple[str, ...] = ("segments", "frontier")  # block modes the search may choose
     heartbeat: int = 60  # seconds; a trial silent for 2x this is taken as dead (see open_storage)
+    storage_retry: float = 300.0  # seconds a worker rides out a lost storage before ending (tuner.search.outage)
     solver: str = "auto"  # the transformer step every run uses (tarflow.solvers); auto: graphs on CUDA
     seed: int = 0
     sampling: SamplingSettings = SamplingSettings()  # what is sampled: every run of the search uses it
@@ -38,6 +40,8 @@ class TuneConfig:
             raise UserError(f"trials, batch and heartbeat must be >= 1 and tolerance >= 0, got "
                             f"{self.trials}, {self.batch}, {self.heartbeat}, {self.tolerance:g}",
                             setting="trials,batch,heartbeat,tolerance")
+        if not self.storage_retry >= 0:  # also refuses NaN
+            raise UserError(f"storage_retry must be >= 0 seconds, got {self.storage_retry:g}", setting="storage_retry")
         if self.n % self.batch or self.verify_n < 2 * self.n:
             raise UserError(f"n ({self.n}) must be a multiple of batch ({self.batch}) and "
                             f"verify_n ({self.verify_n}) at least 2x n", setting="n,batch,verify_n")

@@ -15,17 +15,39 @@ import time
 
 from tarflow.schedule import Schedule
 
+from tuner.search.accounting import Spent
 from tuner.search.evaluate import Evaluator
 from tuner.search.studies import measured_latency
 from tuner.search.summary import StudySummary
-from tuner.search.verify import remeasure
+from tuner.search.verify import remeasure, verify
+
+
+def verify_and_export(ev: Evaluator, summary: StudySummary, candidates, vext, vref, seeds: dict,
+                      log=print, fresh=None) -> dict[str, Spent]:
+    """Verify the candidates on fresh noise and export the first that holds (filling the
+    summary's final fields); returns what the verification and the re-timing cost to sample
+    (tuner.search.accounting), each with its wall seconds. With a shared `fresh` check
+    (tuner.search.fresh) the verification's passes are all it sampled, the refinement's checks
+    included (its seconds only the final verification's)."""
+    spent, t0 = {"verification": Spent(), "retiming": Spent()}, time.perf_counter()
+    trial, sched, ver = verify(ev, candidates, ev.cfg, vext, vref, log, spent=spent["verification"], fresh=fresh) \
+        if candidates else (None, None, None)
+    spent["verification"].seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+    if fresh is not None:  # all this process sampled on the fresh noise: the refinement's checks too
+        ver_spent = spent["verification"]
+        ver_spent.passes, ver_spent.tokens, ver_spent.batches = fresh.spent.passes, fresh.spent.tokens, fresh.spent.batches
+    if sched is not None:
+        export(ev, summary, trial, sched, ver, seeds, log, spent=spent["retiming"])
+        spent["retiming"].seconds = time.perf_counter() - t0
+    return spent
 
 
 def export(ev: Evaluator, summary: StudySummary, trial, sched: Schedule, ver: dict, seeds: dict,
-           log=print) -> Schedule:
-    """The winner with its provenance; fills the summary's final fields."""
+           log=print, spent=None) -> Schedule:
+    """The winner with its provenance; fills the summary's final fields. `spent`
+    (tuner.search.accounting.Spent) counts what the re-timing's sampling cost."""
     log("re-timing the chosen schedule against the seeds (interleaved) ...")
-    final = remeasure(ev, {"chosen": sched} | {k: seeds[k] for k in summary.seeds})
+    final = remeasure(ev, {"chosen": sched} | {k: seeds[k] for k in summary.seeds}, spent=spent)
     lat = final["chosen"]["median_s"]
     seq_lat = final["sequential"]["median_s"] if "sequential" in final else summary.sequential_latency_s
     for k, seed in summary.seeds.items():

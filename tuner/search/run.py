@@ -6,7 +6,9 @@ objective(trial) (tuner.search.evaluate) = the objective's value for one suggest
 constraints (`trial.set_constraint`) = FID(schedule) - FID(sequential, same noise, same n) -
 tolerance <= 0 and, with a drift limit, max per-sample drift - limit <= 0. The first batch of a
 trial doubles as a paired-proxy screen: a schedule whose drift is hopeless is pruned before any
-FID is paid for. Parameter names live in tuner.search.space only.
+FID is paid for; and a trial stops at the first batch where a sample drifts past the limit
+(tuner.search.evaluate.Screen). What every stage sampled is accounted (tuner.search.accounting)
+and forecast before the first trial (tuner.search.plan). Parameter names live in tuner.search.space only.
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ from tuner.quality.extractors import get_extractor
 from tuner.quality.fid import RefStats, default_ref_path, reference_stats
 from tuner.quality.floor import noise_floor, tolerance_check
 from tuner.search.config import REFINE_TRIALS, TuneConfig
+from tuner.search.drift_model import add_model_seed, with_prediction
 from tuner.search.evaluate import Evaluator
-from tuner.search.export import export
+from tuner.search.fresh import FreshCheck
+from tuner.search.outage import run_optimize
+from tuner.search.accounting import floor_spent, tune_cost, with_cost_columns
+from tuner.search.export import verify_and_export
+from tuner.search.plan import announce
+from tuner.search.refine import refine
 from tuner.search.seeds import seed_results, seed_schedules
-from tuner.search.space import SearchSpace
 from tuner.search.studies import (STARTED, RecordFailures, TrialCap, counted_trials, export_once,
                                   feasible_trials, make_study, open_storage, study_config, trials_table)
 from tuner.search.summary import Sequential, StudySummary
-from tuner.search.verify import verify
 
 
 def resolve_ref(extractor, ref_path, data, out: Path, model):
@@ -58,9 +64,8 @@ def resolve_ref(extractor, ref_path, data, out: Path, model):
 def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage: str,
          study_name: str, resume: bool, ref=None, verify_ref=None, data=None, log=print,
          progress=None, checkpoint: str | None = None) -> StudySummary:
-    """The whole search; writes schedule.json, trials.csv, summary.json, seeds/*.json and the
-    report's pictures into `out`. `summary.schedule` is None when no schedule met the tolerance
-    (then no schedule file is written). Raises UserError on bad input."""
+    """The whole search; writes schedule.json, trials.csv, summary.json, seeds/*.json and the report's pictures
+    into `out`. `summary.schedule` is None (and no schedule written) when none met the tolerance. Raises UserError."""
     ext = get_extractor(cfg.extractor, device=device)
     vext = ext if cfg.verify_extractor == cfg.extractor else get_extractor(cfg.verify_extractor, device=device)
     ref_s = resolve_ref(ext, ref, data, out, model)
@@ -68,14 +73,16 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI shows a progress bar instead
     ev = Evaluator(model, profile, cfg, device, ref_s, ext, on_fallback=lambda why: log(f"warning: {why}"))
     seeds = seed_schedules(model, profile, ev.space, cfg.modes)
-    study = make_study(open_storage(storage, cfg.heartbeat), study_name, cfg.seed, resume,
+    prediction = add_model_seed(seeds, model, profile, ev.space, cfg, ev.solvers)  # tuner.search.drift_model
+    study = make_study(open_storage(storage, cfg.heartbeat, cfg.storage_retry, log), study_name, cfg.seed, resume,
                        study_config(cfg, model, device),
-                       {name: ev.space.params_of(s) for name, s in seeds.items()})
+                       {name: ev.space.params_of(s) for name, s in list(seeds.items())[:cfg.trials]})
 
     t_start = time.perf_counter()
     log(f"sequential baseline on {cfg.n} samples (batch {cfg.batch}) ...")
     base = ev.prepare()
     log(f"sequential: {base.latency['median_s'] * 1e3:.1f} ms/batch, FID {base.fid:.4g} ({ext.id}, n={cfg.n})")
+    plan = announce(ev, seeds, device, log)  # what the tune will cost, before it spends it (tuner.search.plan)
     floor = noise_floor(model, ref=ref_s, extractor=ext, n=cfg.n, seeds=cfg.floor_seeds,
                         settings=cfg.sampling, batch=cfg.n)
     warn = tolerance_check(cfg.tolerance, floor)
@@ -83,7 +90,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
         f"{len(floor['values'])} seeds)")
     if warn:
         log(f"warning: {warn}")
-    run_trials(study, ev, cfg, progress)
+    run_trials(study, ev, cfg, progress, log, fresh := FreshCheck(ev, cfg, vext, ref_v, study=study))
 
     def result() -> dict:
         """Verify and export the winner (run by one worker only, see export_once)."""
@@ -97,11 +104,10 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
             sequential=Sequential(base.latency, base.fid, ext.id, cfg.n, base.value), noise_floor=floor,
             tolerance_warning=warn, seeds=seed_results(study, seeds))
         cands = [(t, ev.schedule_from_params(t.params, f"tuned (trial {t.number})"))
-                 for t in feasible_trials(study)]
-        # verify the fastest few feasible candidates (sequential, if fastest, passes trivially)
-        trial, sched, ver = verify(ev, cands[:3], cfg, vext, ref_v, log) if cands else (None, None, None)
-        if sched is not None:
-            export(ev, summary, trial, sched, ver, seeds, log)
+                 for t in feasible_trials(study) if fresh.known(t) is not False]
+        # verify the fastest few feasible candidates (sequential, if fastest, passes trivially); count the cost
+        summary.cost = tune_cost(study, ev.B, ev.T, {"baseline": base.spent, "noise_floor": floor_spent(floor)}
+                                 | verify_and_export(ev, summary, cands[:3], vext, ref_v, seeds, log, fresh), plan.stages)
         return json.loads(json.dumps(summary.to_dict(), default=str))  # as summary.json holds it
 
     summary = StudySummary.from_dict(export_once(study, cfg.heartbeat, result, log), "the study's stored result")
@@ -109,7 +115,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     out.mkdir(parents=True, exist_ok=True)
     for name, s in seeds.items():  # the baselines compared against, as files `sample` and `bench` run
         s.save(out / "seeds" / f"{name}.json")
-    atomic_write_text(out / "trials.csv", trials_table(study, ext.id, cfg.n).to_csv(index=False))
+    atomic_write_text(out / "trials.csv", with_prediction(with_cost_columns(trials_table(study, ext.id, cfg.n), study), study, prediction).to_csv(index=False))
     if sched is not None:
         sched.save(out / "schedule.json")
     write_pictures(model, sched, out / "pictures", settings=cfg.sampling, seed=cfg.seed)
@@ -117,9 +123,12 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     return summary
 
 
-def run_trials(study, ev: Evaluator, cfg: TuneConfig, progress=None) -> None:
+def run_trials(study, ev: Evaluator, cfg: TuneConfig, progress=None, log=print, fresh=None) -> None:
     """Run trials until the study holds cfg.trials (its total over --resume and workers): TPE
-    first, then the last tenth (at most REFINE_TRIALS) refines the best feasible schedule."""
+    first, then the last third (at most REFINE_TRIALS) bisects the best schedule's per-block
+    tolerances (tuner.search.refine), each candidate checked on `fresh` (a FreshCheck) too. A run
+    cut short because another worker failed our trial after a storage outage (run_optimize) is
+    simply continued."""
 
     def on_trial(study, trial):
         if progress is not None:
@@ -130,32 +139,22 @@ def run_trials(study, ev: Evaluator, cfg: TuneConfig, progress=None) -> None:
     deadline = None if cfg.timeout is None else time.monotonic() + cfg.timeout
     cap = optuna.study.MaxTrialsCallback(cfg.trials, states=STARTED)
 
-    def run(n: int) -> None:
+    def run(n: int) -> bool:
         left = None if deadline is None else deadline - time.monotonic()
-        if n > 0 and (left is None or left > 0):
-            study.optimize(TrialCap(RecordFailures(ev), cfg.trials), n_trials=n, timeout=left,
-                           callbacks=[on_trial, cap], catch=(Exception,))
+        return n > 0 and (left is None or left > 0) and run_optimize(
+            lambda: study.optimize(TrialCap(RecordFailures(ev), cfg.trials), n_trials=n, timeout=left,
+                                   callbacks=[on_trial, cap], catch=(Exception,)), log)
 
     def missing() -> int:
         return max(0, cfg.trials - len(counted_trials(study)))
 
-    reserve = min(REFINE_TRIALS, cfg.trials // 10)
-    run(missing() - reserve)
-    refine(study, ev.space, reserve, run)
-    run(missing())  # whatever the refinement did not use
+    reserve = min(REFINE_TRIALS, cfg.trials // 3)  # one bisection step per trial, ~3 per block
+    while run(missing() - reserve):
+        pass
+    used = refine(study, ev.space, min(reserve, missing()), run, fresh)
+    if reserve:
+        log(f"refinement: {used} of {reserve} trials bisecting per-block tolerances"
+            + ("" if fresh is None else f"; fresh-noise checks sampled {fresh.spent.passes:,} passes"))
+    while run(missing()):  # whatever the refinement did not use
+        pass
 
-
-def refine(study, space: SearchSpace, n: int, run) -> None:
-    """Hill-climb the one setting all blocks share: re-run the best feasible trial with a looser
-    tolerance while that stays feasible and wins. TPE rarely lands there by itself: on the bundled
-    model one-segment Jacobi at tol 3e-2 needs 37 passes, yet 44 TPE trials never tried it."""
-    for _ in range(n):
-        feas = feasible_trials(study)
-        if not feas:
-            return
-        tried = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(deepcopy=False)}
-        todo = [p for p in space.loosened(feas[0].params) if json.dumps(p, sort_keys=True) not in tried]
-        if not todo:
-            return
-        study.enqueue_trial(todo[0], user_attrs={"refined_from": feas[0].number}, skip_if_exists=True)
-        run(1)

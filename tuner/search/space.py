@@ -1,21 +1,34 @@
 """The search space: the one map between Optuna parameters and schedules.
 
-Parameter names are stable (committed studies decode with them): `tol`, and per forward block k
+Parameter names are stable (committed studies decode with them): per forward block k
 `b{k}_mode` (segments | frontier; absent = segments, as in studies made before frontier mode),
-`b{k}_init`, for segments `b{k}_segments`, `b{k}_anderson` and `b{k}_iters_s{S}` (the pass
-budget; its range depends on the segment count S, hence one name per S), for frontier
-`b{k}_window` (its pass bound is T: the tolerance decides when a block is done). The search suggests through `suggest`,
-seeds enter through `params_of`, trials.csv names its columns through `param_columns`, and the
-report decodes trials through `schedule_from_params` / `plans_from_row`: nothing else knows the
-names.
+`b{k}_init`, `b{k}_log_tol` (the block's early-stop tolerance as log10, continuous; below
+EXACT_BELOW it means 0, exact: absent for a sequential block, which has no tolerance), for
+segments `b{k}_segments`, `b{k}_anderson` and `b{k}_iters_s{S}` (the pass budget; its range
+depends on the segment count S, hence one name per S), for frontier `b{k}_window` (its pass
+bound is T: the tolerance decides when a block is done). Studies made before per-block
+tolerances hold one categorical `tol` shared by all blocks instead; it still decodes (a per-block
+value wins where both exist). The search suggests through `suggest`, seeds enter through
+`params_of`, the refinement moves one block's tolerance through `log_tol_of` / `with_log_tol`,
+trials.csv names its columns through `param_columns`, and the report decodes trials through
+`schedule_from_params` / `plans_from_row`: nothing else knows the names.
+
+Why per block and continuous: the tolerance a block can afford differs by block (the easy
+blocks' drift stays far below the tough block's at the same tolerance), and a categorical grid
+with steps x3 apart let the last refinement jump from feasible to infeasible with nothing in
+between (patch-2 model: 3e-2 held 0.42/255, 1e-1 drifted 3.75/255 on fresh noise).
 """
 
 from __future__ import annotations
 
+import math
+
 from tarflow.schedule import BlockPlan, Schedule
 
 SEGMENT_CHOICES = (1, 2, 4, 8)  # plus T (sequential block); only counts <= T
-TOL_CHOICES = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+TOL_CHOICES = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the shared `tol` of older studies (decode only)
+LOG_TOL_RANGE = (-5.0, 0.5)  # b{k}_log_tol: log10 of the tolerance; 10^0.5 stops the easy blocks after 1-3 passes
+EXACT_BELOW = -4.5  # a log tolerance below this is 0 (exact): the lowest tenth of the range
 ANDERSON_CHOICES = (0, 2, 3)  # Anderson history per block (0 = plain Jacobi)
 INIT_CHOICES = ("zeros", "z")
 MODES = ("segments", "frontier")
@@ -42,32 +55,70 @@ class SearchSpace:
         return max(1, min(L, need + 1))
 
     def suggest(self, trial, name: str, fingerprint=None) -> Schedule:
-        params = {"tol": trial.suggest_categorical("tol", TOL_CHOICES)}
+        params = {}
         for k in range(self.B - 1, -1, -1):
             mode = trial.suggest_categorical(f"b{k}_mode", self.modes) if len(self.modes) > 1 else self.modes[0]
             params[f"b{k}_mode"] = mode
             params[f"b{k}_init"] = trial.suggest_categorical(f"b{k}_init", INIT_CHOICES)
             if mode == "frontier":
                 params[f"b{k}_window"] = trial.suggest_categorical(f"b{k}_window", self.window_choices)
-                continue
-            S = trial.suggest_categorical(f"b{k}_segments", self.segment_choices)
-            params[f"b{k}_segments"] = S
-            params[f"b{k}_anderson"] = trial.suggest_categorical(f"b{k}_anderson", ANDERSON_CHOICES)
-            params[f"b{k}_iters_s{S}"] = trial.suggest_int(f"b{k}_iters_s{S}", 1, self.iters_cap(k, S))
+            else:
+                S = trial.suggest_categorical(f"b{k}_segments", self.segment_choices)
+                params[f"b{k}_segments"] = S
+                params[f"b{k}_anderson"] = trial.suggest_categorical(f"b{k}_anderson", ANDERSON_CHOICES)
+                params[f"b{k}_iters_s{S}"] = trial.suggest_int(f"b{k}_iters_s{S}", 1, self.iters_cap(k, S))
+                if S == self.T:
+                    continue  # token by token: no tolerance
+            params[f"b{k}_log_tol"] = trial.suggest_float(f"b{k}_log_tol", *LOG_TOL_RANGE)
         return self.schedule_from_params(params, name, fingerprint)
 
     @staticmethod
-    def loosened(params: dict, steps: int = 2) -> list[dict]:
-        """The same schedule stopped sooner: the tolerance 1..`steps` choices looser, nearest first."""
-        i = TOL_CHOICES.index(float(params["tol"]))
-        return [params | {"tol": t} for t in TOL_CHOICES[i + 1:i + 1 + steps]]
+    def tol_of(log_tol: float) -> float:
+        """A log tolerance as the tolerance a plan gets: 0 below EXACT_BELOW, else 10^x to three
+        significant digits (so a schedule's tolerance survives params_of and back unchanged)."""
+        return 0.0 if log_tol < EXACT_BELOW else float(f"{10.0 ** log_tol:.3g}")
+
+    @staticmethod
+    def log_tol(tol: float) -> float:
+        """The parameter value of a tolerance (clipped to the range; 0 is the range's bottom)."""
+        if tol <= 0:
+            return LOG_TOL_RANGE[0]
+        return min(max(round(math.log10(tol), 6), EXACT_BELOW), LOG_TOL_RANGE[1])
+
+    def log_tol_of(self, params: dict, k: int) -> float:
+        """Block k's log tolerance in `params` (its own, else the older studies' shared `tol`)."""
+        if f"b{k}_log_tol" in params:
+            return float(params[f"b{k}_log_tol"])
+        return self.log_tol(float(params.get("tol", 0.0)))
+
+    def with_log_tol(self, params: dict, k: int, log_tol: float) -> dict:
+        """`params` with block k's tolerance moved to `log_tol`, every other block's kept (an older
+        study's shared `tol` becomes one value per block)."""
+        plans = self.schedule_from_params(params).plans
+        out = {key: v for key, v in params.items() if key != "tol" and not key.endswith("_log_tol")}
+        for p in plans:
+            if p.mode == "frontier" or p.segments < self.T:
+                out[f"b{p.block}_log_tol"] = self.log_tol_of(params, p.block)
+        return out | {f"b{k}_log_tol": float(log_tol)}
+
+    def _tol(self, params: dict, k: int) -> float:
+        """Block k's own tolerance, else an older study's shared `tol` (which its token-by-token
+        blocks carried too, as their exported schedules show), else 0 (a token-by-token block)."""
+        if f"b{k}_log_tol" in params:
+            return self.tol_of(float(params[f"b{k}_log_tol"]))
+        return float(params.get("tol", 0.0))
+
+    @property
+    def _default_mode(self) -> str:
+        """A trial's mode where it has no `b{k}_mode`: a one-mode search's mode (it is not a
+        parameter there), else segments (studies from before frontier mode)."""
+        return self.modes[0] if len(self.modes) == 1 else "segments"
 
     def schedule_from_params(self, params: dict, name: str = "trial", fingerprint=None) -> Schedule:
-        tol = float(params["tol"])
         plans = []
         for k in range(self.B - 1, -1, -1):
-            init = str(params[f"b{k}_init"])
-            if params.get(f"b{k}_mode", "segments") == "frontier":
+            init, tol = str(params[f"b{k}_init"]), self._tol(params, k)
+            if params.get(f"b{k}_mode", self._default_mode) == "frontier":
                 plans.append(BlockPlan(k, 1, self.T, init, tol, mode="frontier", window=int(params[f"b{k}_window"])))
                 continue
             S = int(params[f"b{k}_segments"])
@@ -76,8 +127,8 @@ class SearchSpace:
         return Schedule(plans=tuple(plans), fingerprint=fingerprint, name=name)
 
     def params_of(self, sched: Schedule) -> dict:
-        """A schedule as search parameters (budgets clipped to the search range)."""
-        params = {"tol": min(TOL_CHOICES, key=lambda t: abs(t - sched.plans[-1].tol))}
+        """A schedule as search parameters (budgets and tolerances clipped to the search range)."""
+        params = {}
         for p in sched.plans:
             if p.mode not in self.modes:
                 raise ValueError(f"a {p.mode} plan is outside a search over {', '.join(self.modes)}")
@@ -86,12 +137,15 @@ class SearchSpace:
                 params[f"b{p.block}_mode"] = p.mode
             if p.mode == "frontier":
                 params[f"b{p.block}_window"] = min(self.window_choices, key=lambda w: abs(w - p.window))
+                params[f"b{p.block}_log_tol"] = self.log_tol(p.tol)
                 continue
             S = p.segments if p.segments in self.segment_choices else min(
                 self.segment_choices, key=lambda s: abs(s - p.segments))
             params[f"b{p.block}_segments"] = S
             params[f"b{p.block}_anderson"] = min(ANDERSON_CHOICES, key=lambda m: abs(m - p.anderson))
             params[f"b{p.block}_iters_s{S}"] = min(p.max_iters, self.iters_cap(p.block, S))
+            if S < self.T:
+                params[f"b{p.block}_log_tol"] = self.log_tol(p.tol)
         return params
 
     @staticmethod
