@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from tarflow.sampling import make_noise, sample
 from tarflow.schedule import BlockPlan, Schedule

@@ -20,6 +20,7 @@ from tuner.search.space import SearchSpace
 
 from .html import PALETTE, STATE_COLORS, _seed_name, completed, esc, fid_tag, fig_html, ms, note, num, trial_state
 from .study import StudyFolder
+from .tables import pruned_reason
 
 MARKERS = (("feasible", "circle"), ("infeasible", "circle-open"), ("pruned", "x"), ("failed", "x"))
 
@@ -30,7 +31,7 @@ def _hover(st: StudyFolder, r: dict) -> str:
     s = f"trial {r['number']}" + (f" (seed: {_seed_name(r)})" if _seed_name(r) else "")
     kind = trial_state(r)
     if kind == "pruned":
-        return s + f"<br>pruned at warm-up: pixel RMSE {num(r.get('warmup_rmse'), '.3g')} (0–255)"
+        return s + f"<br>pruned: {esc(pruned_reason(r))}"
     if kind == "failed":
         return s + "<br>failed"
     s += f"<br>{goal.label}: {goal.format(r.get('objective'))}"

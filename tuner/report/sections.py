@@ -9,7 +9,7 @@ from .figures import convergence_figure, profile_bars
 from .search_figures import history_figure, importance_figure, parallel_figure, scatter_figure
 from .html import data_uri, esc, fid_tag, ms, note, num, plot_box
 from .study import StudyFolder, display_path
-from .tables import comparison_tables, profile_table, top_trials_table
+from .tables import comparison_tables, cost_table, profile_table, top_trials_table
 
 
 def _settings_text(st: StudyFolder) -> str:
@@ -132,8 +132,10 @@ def search_section(st: StudyFolder) -> str:
             + '<div class="row2">' + plot_box(importance_figure(st)) + top_trials_table(st, chosen) + "</div>"
             + plot_box(parallel_figure(st))
             + f'<p class="dim">Constraint: FID gap ({esc(fid_tag(ext, n))}) − tolerance ≤ 0. Pruned '
-            'trials stopped after the warm-up batch because their pixel RMSE to the sequential '
-            f'samples was hopeless; they have no {esc(st.goal.label)}.</p>')
+            'trials stopped part-way, each for the reason trials.csv records: the warm-up batch\'s pixel '
+            'RMSE to the sequential samples was hopeless, or a sample already drifted past the drift limit '
+            f'(more batches could only raise the max); they count as infeasible and have no {esc(st.goal.label)}.</p>'
+            + cost_table(st))
 
 
 def schedules_section(st: StudyFolder) -> str:

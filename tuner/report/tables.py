@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tuner.search.accounting import STAGE_TITLES, fmt_count
+
 from .html import _seed_name, _truthy, completed, esc, fid_tag, ms, note, num, table, trial_state
 from .study import StudyFolder
 
@@ -64,11 +66,19 @@ def comparison_rows(st: StudyFolder) -> list[dict]:
     return out
 
 
+def pruned_reason(r: dict) -> str:
+    """Why a pruned trial stopped: the reason trials.csv recorded (`fail_reason`), else (studies
+    from before reasons were recorded) the warm-up screen's figure."""
+    why = r.get("fail_reason")
+    if isinstance(why, str) and why:
+        return why.removeprefix("pruned: ")
+    return f"at warm-up (pixel RMSE {num(r.get('warmup_rmse'), '.3g')} of 255)"
+
+
 def _trial_row(st: StudyFolder, name: str, title: str, r: dict) -> dict:
     """A seed the summary does not list (pruned, failed) as trials.csv recorded it."""
     kind = trial_state(r)
-    status = (f"pruned at warm-up (pixel RMSE {num(r.get('warmup_rmse'), '.3g')} of 255)"
-              if kind == "pruned" else kind)
+    status = f"pruned: {esc(pruned_reason(r))}" if kind == "pruned" else kind
     done = kind in ("feasible", "infeasible")
     return {"name": title, "key": name, "trial": r.get("number"), "status": status,
             "value": r.get("objective") if done else None, "latency_s": r.get("latency_s") if done else None,
@@ -199,3 +209,31 @@ def profile_table(st: StudyFolder) -> str:
     return table(["forward block", "sampling step", "CRM", "CRM share (%)", "IGM zeros", "IGM z", "best init",
                   "passes to 1e-3, one segment (zeros / z)"], rows, cls="compare",
                  caption="Rows in <b>forward</b> block order; sampling step 0 runs first.")
+
+
+def cost_table(st: StudyFolder) -> str:
+    """What the tune spent sampling, per stage (summary.json's `cost`, tuner.search.accounting),
+    beside what it announced before its first trial."""
+    cost, b = st.summary.cost, st.summary.batch
+    if cost is None:
+        return note("What this tune spent sampling was not recorded (its summary predates cost accounting).")
+    est = {k: v.passes for k, v in (cost.estimate or {}).items()}
+    est["total"] = sum(est.values()) if est else None
+    rows = []
+    for k, v in [*cost.stages.items(), ("total", cost.total)]:
+        e = est.get(k)
+        rows.append([("<b>total</b>" if k == "total" else esc(STAGE_TITLES.get(k, k))), esc(fmt_count(v.passes)),
+                     num(v.sequential_batches, ",.1f"), esc(fmt_count(v.tokens)), num(v.seconds, ",.0f"),
+                     "–" if e is None else esc("~" + fmt_count(e))])
+    early = (f" {cost.stopped_early} trial(s) stopped early (pruned part-way: warm-up screen or drift limit "
+             f"already broken) and spent {esc(fmt_count(cost.stopped_early_passes))} passes of the search's."
+             if cost.stopped_early else "")
+    missing = f" {cost.unrecorded} older trial(s) have no record and are not counted." if cost.unrecorded else ""
+    return ('<h3>What the tune cost</h3>' + table(
+        ["stage", "serial passes", f"sequential batches of {b}", "tokens", "wall seconds", "announced (passes)"],
+        rows, cls="compare", caption=(
+            f"Counted by the sampler: serial transformer passes and tokens (per sequence of a batch), summed over "
+            f"every batch sampled; a sequential batch = B(T−1) = {st.B * (st.T - 1)} passes. The search sums its "
+            f"{cost.trials} trials' own records; the other stages ran once, on the worker that exported. Wall "
+            "seconds include FID features. Announced: the estimate printed before the first trial." + early
+            + missing)))

@@ -20,7 +20,7 @@ Units, for every stage alike:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import optuna
 
