@@ -369,7 +369,8 @@ def _check_finished(url: str, name: str, kept: dict[int, float]):
     study, storage = _study(url, name)
     trials = study.get_trials()
     table = [(t.number, t.state.name, t.user_attrs.get("fail_reason"), t.system_attrs.get("failed_trial"),
-              f"{t.datetime_start:%M:%S.%f}"[:9], t.datetime_complete and f"{t.datetime_complete:%M:%S.%f}"[:9])
+              t.datetime_start and f"{t.datetime_start:%M:%S.%f}"[:9],  # None while WAITING
+              t.datetime_complete and f"{t.datetime_complete:%M:%S.%f}"[:9])
              for t in trials]
     counted = [t for t in trials if t.state != TrialState.WAITING and not t.user_attrs.get("over_cap")]
     assert len(counted) == CAP, table
