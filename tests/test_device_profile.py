@@ -11,7 +11,7 @@ from tarflow.sampling import make_noise, sample
 from tarflow.schedule import Schedule, builtin_schedule
 from tuner.measure.device_profile import DeviceProfile
 
-from .conftest import TINY_STUDY_ARGS, one_line_error, run_cli
+from .conftest import TINY_STUDY_ARGS, one_line_error, run_cli, with_args
 
 ARGS = TINY_STUDY_ARGS  # guided and denoised: the profile must be measured with the same guidance
 
@@ -36,11 +36,13 @@ def cpu_profile(tmp_path_factory):
     return d / "cpu.json"
 
 
-def test_cost_objective_prices_each_trial_from_the_profile(model, cpu_profile, tiny_study, tmp_path):
+def test_cost_objective_prices_each_trial_from_the_profile(model, cpu_profile, tiny_study, tiny_calib, tmp_path):
     out, _ = tiny_study
     shutil.copytree(out / "profile", tmp_path / "study" / "profile")  # a new study that reuses the block profile
-    res = run_cli("tune", *ARGS, "--trials", 3, "--objective", f"cost:{cpu_profile}",  # the last --trials counts
-                  "--data", out.parent / "calib.npz", "--resume", "--out", tmp_path / "study")
+    # the pricing is under test, not the limits: no drift limit, so verification needs only
+    # 2n = 32 fresh samples instead of 256 (the shared study's limits bind; test_search tests them)
+    res = run_cli("tune", *with_args(ARGS, trials=3, verify_n=32, max_drift="off"), "--objective", f"cost:{cpu_profile}",
+                  "--data", tiny_calib, "--resume", "--out", tmp_path / "study")
     assert res.exit_code == 0, res.output
     prof = DeviceProfile.load(cpu_profile)
     assert f"modelled on {prof.device['device_name']}" in res.output

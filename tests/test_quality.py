@@ -106,15 +106,30 @@ def _cifar_split(per_class_train, per_class_test, seed=0):
     return img(tr), y[tr], img(te), y[te]
 
 
-def test_inception_features_separate_cifar_classes(inception):
-    """Fast probe: 10 train / 10 held-out colour images per class; chance is 0.1."""
-    xa, ya, xb, yb = _cifar_split(10, 10)
+@pytest.fixture()
+def all_cores():
+    """Inception's 299x299 convolutions on every core (up to 2, what CI has): the suite otherwise
+    runs one thread, fastest for the samplers' tiny sequential steps; this probe is the default
+    suite's biggest single computation."""
+    import os
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, min(2, os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(before)
+
+
+def test_inception_features_separate_cifar_classes(inception, all_cores):
+    """Fast probe: 5 train / 5 held-out colour images per class (100 images through Inception,
+    the default suite's biggest computation; 10/10 took 1-2 min on a busy 2-core machine); chance
+    is 0.1, and a network that does not separate classes stays near it on 50 held-out images."""
+    xa, ya, xb, yb = _cifar_split(5, 5)
     acc = _linear_probe(inception.features(xa), ya, inception.features(xb), yb)
-    assert acc > 0.4, acc  # 0.57-0.70 seen on five disjoint 10/10 slices
+    assert acc > 0.3, acc  # 0.48 here (0.44 on the committed 200-image sample), 0.48-0.62 over four seeds
 
 
 @pytest.mark.slow
-def test_inception_features_separate_cifar_classes_100(inception):
+def test_inception_features_separate_cifar_classes_100(inception, all_cores):
     """The issue's setting: 100 training images per class (about 0.69 seen), 50 held out."""
     xa, ya, xb, yb = _cifar_split(100, 50)
     acc = _linear_probe(inception.features(xa), ya, inception.features(xb), yb)
