@@ -422,7 +422,7 @@ def test_workers_end_with_one_line_when_the_database_stays_away_then_resume(serv
         if stopped:
             server.start()
     assert [p.returncode for p in procs] == [EXIT_CODE] * 2, "\n".join(o[-1500:] + e[-1500:] for o, e in outs)
-    assert 10 <= took < 40, took
+    assert 10 <= took < 90, took  # the window is 10 s; a loaded machine is slow to stop the workers
     print(f"stopped for good: exit codes {[p.returncode for p in procs]} {took:.1f} s after the stop")
     for out, err in outs:
         lines = err.strip().splitlines()
