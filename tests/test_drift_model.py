@@ -61,7 +61,7 @@ def test_root_sum_square_of_block_contributions_predicts_mixed_schedules(model, 
     """Per sample, sqrt(sum_k d_k^2) predicts the worst sample's drift of schedules mixing the
     blocks' calibrated tolerances within 10 % (log error), better than the plain sum; passes add."""
     cal, curves, noise, labels, settings = calibrated
-    T, rng = model.cfg.num_patches, np.random.default_rng(0)
+    rng = np.random.default_rng(0)
     rss_err, sum_err = [], []
     for _ in range(4):
         pick = {c.block: int(rng.integers(1, len(c.log_tols))) for c in curves}
