@@ -39,9 +39,10 @@ def cpu_profile(tmp_path_factory):
 def test_cost_objective_prices_each_trial_from_the_profile(model, cpu_profile, tiny_study, tiny_calib, tmp_path):
     out, _ = tiny_study
     shutil.copytree(out / "profile", tmp_path / "study" / "profile")  # a new study that reuses the block profile
-    # the pricing is under test, not the limits: no drift limit, so verification needs only
-    # 2n = 32 fresh samples instead of 256 (the shared study's limits bind; test_search tests them)
-    res = run_cli("tune", *with_args(ARGS, trials=3, verify_n=32, max_drift="off"), "--objective", f"cost:{cpu_profile}",
+    # the pricing is under test, not the limits: two trials (the sequential and paper seeds), and no
+    # drift limit, so verification needs 2n = 32 fresh samples, not 256 (test_search and
+    # test_constraints test the limits)
+    res = run_cli("tune", *with_args(ARGS, trials=2, verify_n=32, max_drift="off"), "--objective", f"cost:{cpu_profile}",
                   "--data", tiny_calib, "--resume", "--out", tmp_path / "study")
     assert res.exit_code == 0, res.output
     prof = DeviceProfile.load(cpu_profile)

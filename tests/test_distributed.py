@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-# 3 batches over 2 processes: an uneven split (rank 0 samples one batch, rank 1 two), in batches of 8
-ARGS = ["fid", "--n", "24", "--batch", "8", "--schedule", "jacobi:segments=2,max_iters=4,tol=1e-3",
+ARGS = ["fid", "--n", "48", "--batch", "16", "--schedule", "jacobi:segments=2,max_iters=4,tol=1e-3",
         "--noise-floor", "--json", "--device", "cpu"]
 
 
@@ -25,9 +24,9 @@ def fid_json(*extra):
 def test_two_gloo_processes_give_the_fid_of_one():
     one, two = fid_json(), fid_json("--workers", "2")
     assert two["source"]["processes"] == 2 and one["source"]["processes"] == 1
-    assert two["n"] == one["n"] == 24
+    assert two["n"] == one["n"] == 48
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-6)
     assert two["noise_floor"]["values"] == pytest.approx(one["noise_floor"]["values"], rel=1e-6)
     for k in ("rmse_mean", "rmse_max", "feat_mean", "feat_spread"):
         assert two["proxy"][k] == pytest.approx(one["proxy"][k], rel=1e-6)
-    assert two["proxy"]["n"] == 24
+    assert two["proxy"]["n"] == 48
