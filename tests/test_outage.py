@@ -4,7 +4,7 @@ that stays away ends the worker with one line and exit code 3.
 
 The fast tests drive the retrying proxy over Optuna's in-memory storage made to drop chosen
 calls (before or after applying them), and over a locked SQLite file. The slow ones stop a real
-throwaway PostgreSQL server (the helpers of tests/test_workers.py) under two `tune` workers:
+throwaway PostgreSQL server (tests/pg.py) under two `tune` workers:
 for 12 s, then for good; like test_workers, they are skipped without the server binaries unless
 TARFLOW_TUNER_REQUIRE_POSTGRES=1."""
 
@@ -21,7 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import sqlalchemy.exc
@@ -31,8 +30,8 @@ from optuna.trial import TrialState
 from tuner.search.outage import (EXIT_CODE, Outage, RetryingStorage, StorageGone, is_transient, retrying,
                                  run_optimize)
 
-from .conftest import CALIB, one_line_error, run_cli
-from .test_workers import _free_port, _has_user, _pg_bin
+from .conftest import one_line_error, run_cli
+from .pg import throwaway_server
 
 FAST = (0.001, 0.002)  # backoff of the in-memory tests
 
@@ -249,70 +248,21 @@ def test_a_negative_storage_retry_is_refused():
 
 # as tests/test_workers.py: tiny, unguided, and every worker starts from one shared profile
 ARGS = ["--trials", "10", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
-        "--heartbeat", "2", "--modes", "segments", "--device", "cpu"]
+        "--heartbeat", "2", "--modes", "segments", "--device", "cpu", "--retime-rounds", "1"]
 CAP = int(ARGS[ARGS.index("--trials") + 1])
-
-
-class Server:
-    """A throwaway PostgreSQL server that a test may stop and start again on the same port."""
-
-    def __init__(self, bindir: Path, root: Path, user: str | None):
-        self.bindir, self.root, self.data, self.port = bindir, root, root / "data", _free_port()
-        self.as_user = ["runuser", "-u", user, "--"] if user else []
-        subprocess.run([*self.as_user, str(bindir / "initdb"), "-D", str(self.data), "-U", "tuner", "--auth=trust"],
-                       check=True, capture_output=True)
-        self.start()
-
-    def pg_ctl(self, *args):
-        subprocess.run([*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), *args],
-                       check=True, capture_output=True, timeout=60)
-
-    def start(self):
-        self.pg_ctl("-l", str(self.root / "log"), "-w", "start",
-                    "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1")
-
-    def stop(self, mode="fast"):
-        self.pg_ctl("-m", mode, "-w", "stop")
-
-    def url(self, password="") -> str:
-        return f"postgresql://tuner{':' + password if password else ''}@127.0.0.1:{self.port}/postgres"
 
 
 @pytest.fixture(scope="module")
 def server():
-    bindir = _pg_bin()
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        bindir = None
-    if bindir is None:
-        if os.environ.get("TARFLOW_TUNER_REQUIRE_POSTGRES") == "1":
-            pytest.fail("PostgreSQL server binaries or the psycopg driver are missing")
-        pytest.skip("needs Debian's postgresql package and `pip install -e .[postgres]`")
-    root = Path(tempfile.mkdtemp(prefix="tt-pg-"))
-    user = None
-    if os.geteuid() == 0:  # the server refuses to run as root
-        user = "postgres" if _has_user("postgres") else "nobody"
-        shutil.chown(root, user)
-    srv = Server(bindir, root, user)
-    try:
+    with throwaway_server() as srv:
         yield srv
-    finally:
-        subprocess.run([*srv.as_user, str(bindir / "pg_ctl"), "-D", str(srv.data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def profiled(tmp_path_factory):
-    """16 calibration images and their block profile, measured once: a worker started with
-    --resume on a folder holding it reuses it instead of spending minutes measuring its own."""
-    d = tmp_path_factory.mktemp("outage")
-    cal = np.load(CALIB)
-    np.savez(d / "calib.npz", x=cal["x"][:16], y=cal["y"][:16])
-    res = run_cli("profile", "--data", d / "calib.npz", "--n", 16, "--device", "cpu", "--out", d / "profile")
-    assert res.exit_code == 0, res.output
-    return d / "calib.npz", d / "profile"
+def profiled(tiny_calib, plain_profile):
+    """The session's 4 calibration images and their block profile (tests/conftest.py): a worker
+    started with --resume on a folder holding it reuses it instead of measuring its own."""
+    return tiny_calib, plain_profile
 
 
 def _tune(calib: Path, url: str, study: str, *extra) -> list[str]:

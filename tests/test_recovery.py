@@ -18,7 +18,7 @@ from .conftest import study_with_profile
 # crash safety does not depend on the search's size: n = one batch, unguided (the session's shared
 # profile), limits that never bind (tests/test_constraints.py and the tiny study test those)
 ARGS = ["--trials", "6", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
-        "--heartbeat", "1", "--modes", "segments", "--device", "cpu"]
+        "--heartbeat", "1", "--modes", "segments", "--device", "cpu", "--retime-rounds", "1"]
 
 
 def tune(out, calib, *extra, crash_at=None):

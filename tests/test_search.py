@@ -112,7 +112,7 @@ def test_a_trial_over_a_limit_is_infeasible_and_the_export_is_within_both(study)
 # the resume test's own study: growing the shared one would verify its winner again on 256 guided
 # fresh samples; resuming does not depend on guidance or limits (the seeds of segments mode only)
 PLAIN_ARGS = ["--trials", "5", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off",
-              "--tolerance", "1000", "--modes", "segments", "--device", "cpu"]
+              "--tolerance", "1000", "--modes", "segments", "--device", "cpu", "--retime-rounds", "1"]
 
 
 def test_resume_adds_trials_to_the_same_study(tmp_path, tiny_calib, plain_profile):

@@ -1,13 +1,9 @@
 """Several `tune` workers on one PostgreSQL study: the study ends with --trials trials, seeds are
 enqueued once, and one verified winner is exported that every worker reports.
 
-The server is a throwaway one from Debian's packages (initdb in a temporary folder, run by a
-non-root user, on a free loopback port). CI installs it; elsewhere the test is skipped when the
-server binaries are missing, unless TARFLOW_TUNER_REQUIRE_POSTGRES=1 makes that a failure."""
+The server is a throwaway one from Debian's packages (tests/pg.py)."""
 
-import glob
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -23,64 +19,19 @@ from tarflow.schedule import Schedule
 from tuner.search.summary import StudySummary
 
 from .conftest import one_line_error, run_cli, study_with_profile
+from .pg import throwaway_server
 
 # small enough for 3 workers on 2 cores: the sharing, not the search, is under test. Unguided
 # (half the sampling of guided runs), n = one batch, and each worker starts from the session's
 # shared profile (a guided profile of its own took each worker 25-40 s on a busy 2-core machine).
 ARGS = ["--trials", "6", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
-        "--heartbeat", "2", "--modes", "segments", "--device", "cpu"]
-
-
-def _pg_bin() -> Path | None:
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).resolve().parent
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(versions[-1]).parent if versions else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        "--heartbeat", "2", "--modes", "segments", "--device", "cpu", "--retime-rounds", "1"]
 
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    bindir = _pg_bin()
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        bindir = None
-    if bindir is None:
-        if os.environ.get("TARFLOW_TUNER_REQUIRE_POSTGRES") == "1":
-            pytest.fail("PostgreSQL server binaries or the psycopg driver are missing")
-        pytest.skip("needs Debian's postgresql package and `pip install -e .[postgres]`")
-    root = Path(tempfile.mkdtemp(prefix="tt-pg-"))
-    user = None
-    if os.geteuid() == 0:  # the server refuses to run as root
-        user = "postgres" if _has_user("postgres") else "nobody"
-        shutil.chown(root, user)
-    as_user = ["runuser", "-u", user, "--"] if user else []
-    data, port = root / "data", _free_port()
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "tuner", "--auth=trust"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "start",
-                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
-    try:
-        yield f"postgresql://tuner@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
+    with throwaway_server() as srv:
+        yield srv.url()
 
 
 def test_three_workers_share_one_study(postgres_url, tmp_path, tiny_calib, plain_profile):
@@ -126,15 +77,25 @@ def test_unreachable_storage_fails_fast_with_one_line():
     assert time.monotonic() - t0 < 20
 
 
-def test_resuming_a_finished_study_reuses_its_stored_result(tiny_study, tiny_calib, tmp_path):
+def test_resuming_a_finished_study_reuses_its_stored_result(tiny_study, tiny_calib, tmp_path, monkeypatch):
+    from tuner.search import drift_model
+
     from .conftest import TINY_STUDY_ARGS
 
     out, _ = tiny_study
     copy = tmp_path / "study"
     shutil.copytree(out, copy)
+    (copy / "seeds" / "model.json").unlink()
+
+    def calibrate(*args):
+        raise AssertionError("the model seed was calibrated again: the study holds it")
+
+    monkeypatch.setattr(drift_model, "model_seed", calibrate)
     res = run_cli("tune", *TINY_STUDY_ARGS, "--data", tiny_calib, "--out", copy, "--resume")
     assert res.exit_code == 0, res.output
     # exported once, reused: no re-timing or verification ran (the cost plan printed first names them)
     assert "re-timing the chosen schedule" not in res.output and "verify trial" not in res.output
     assert Schedule.load(copy / "schedule.json").to_dict() == Schedule.load(out / "schedule.json").to_dict()
     assert StudySummary.load(copy / "summary.json").to_dict() == StudySummary.load(out / "summary.json").to_dict()
+    # the model seed as the study enqueued it, written again
+    assert Schedule.load(copy / "seeds" / "model.json").plans == Schedule.load(out / "seeds" / "model.json").plans

@@ -73,7 +73,7 @@ def tune(model, *, data=DEFAULT_CALIB, settings=None, profile=None, out="runs/tu
          extractor: str | None = None, verify_extractor: str | None = None, ref=None, verify_ref=None,
          ref_data=None, prune_rmse: float = 12.0, objective: str | None = None,
          max_drift: float | None = 2.0, modes=("segments", "frontier"), heartbeat: int = 60,
-         solver: str = "auto", seed: int = 0,
+         solver: str = "auto", seed: int = 0, retime_rounds: int = 3,
          storage: str | None = None, study: str = "tarflow-tune", resume: bool = False, storage_retry: float = 300.0,
          overwrite: bool = False, report: bool = True, checkpoint: str | None = None, log=print,
          progress=None) -> Tuned:
@@ -86,7 +86,8 @@ def tune(model, *, data=DEFAULT_CALIB, settings=None, profile=None, out="runs/tu
     `profile`); profile: a `profile(...)` of this model under these settings to use instead of
     measuring one (a notebook profiles once and tunes many times); extractor / verify_extractor default to mnist-cnn for 28x28 grey models on a CPU
     and Inception otherwise; objective to latency on a GPU and passes on a CPU; max_drift None
-    turns the drift limit off; solver: the transformer step every run uses (`tarflow.solvers`). storage: an Optuna URL (default sqlite in `out`) shared by workers
+    turns the drift limit off; solver: the transformer step every run uses (`tarflow.solvers`); retime_rounds: how many interleaved rounds re-time the winner against the
+    seeds once it is exported (the latencies the schedule records). storage: an Optuna URL (default sqlite in `out`) shared by workers
     with the same `study` name; resume adds the trials a study still lacks; storage_retry: seconds
     a lost storage connection is retried before `tuner.search.outage.StorageGone`; checkpoint: where
     the weights came from, recorded in summary.json. log: one-line messages; progress: a rich
@@ -101,7 +102,7 @@ def tune(model, *, data=DEFAULT_CALIB, settings=None, profile=None, out="runs/tu
                       batch=batch, n=n, verify_n=verify_n, extractor=extractor,
                       verify_extractor=verify_extractor, prune_rmse=prune_rmse, objective=objective,
                       max_drift=max_drift, modes=tuple(modes), heartbeat=heartbeat, solver=solver,
-                      seed=seed, storage_retry=storage_retry)
+                      seed=seed, storage_retry=storage_retry, retime_rounds=retime_rounds)
     url = storage or f"sqlite:///{(out / 'study.db').as_posix()}"
     _preflight(cfg, model, storage and url)
     prof = _given_profile(profile, model, settings) or _reused_profile(out / "profile", resume)
@@ -123,7 +124,8 @@ def tune(model, *, data=DEFAULT_CALIB, settings=None, profile=None, out="runs/tu
 
 # the tune keywords that make its TuneConfig (tune_config), as `plan` passes them on
 CONFIG_KEYS = ("tolerance", "trials", "timeout", "batch", "n", "verify_n", "extractor", "verify_extractor",
-               "prune_rmse", "objective", "max_drift", "modes", "heartbeat", "solver", "seed", "storage_retry")
+               "prune_rmse", "objective", "max_drift", "modes", "heartbeat", "solver", "seed", "storage_retry",
+               "retime_rounds")
 
 
 def plan(model, *, data=DEFAULT_CALIB, settings=None, profile=None, log=print, progress=None, **options) -> Forecast:

@@ -52,6 +52,8 @@ SEARCH_OPTIONS = [
             "process died) is failed and retried by the next worker or --resume"),
     _option("solver", str, SOLVER_HELP),
     _option("seed", int, "seed of the search, its noise and the calibration draw"),
+    _option("retime_rounds", int, "interleaved rounds re-timing the winner against the seeds at the end "
+            "(each: up to 4 batches per schedule, sequential included); 1 for a cheaper, noisier figure"),
 ]
 STUDY_OPTIONS = [
     _option("storage", Optional[str], "Optuna storage URL (default: sqlite in --out)"),

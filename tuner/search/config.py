@@ -29,6 +29,7 @@ class TuneConfig:
     modes: tuple[str, ...] = ("segments", "frontier")  # block modes the search may choose
     heartbeat: int = 60  # seconds; a trial silent for 2x this is taken as dead (see open_storage)
     storage_retry: float = 300.0  # seconds a worker rides out a lost storage before ending (tuner.search.outage)
+    retime_rounds: int = 3  # interleaved rounds re-timing the winner against the seeds after export (>= 1)
     solver: str = "auto"  # the transformer step every run uses (tarflow.solvers); auto: graphs on CUDA
     seed: int = 0
     sampling: SamplingSettings = SamplingSettings()  # what is sampled: every run of the search uses it
@@ -40,6 +41,8 @@ class TuneConfig:
             raise UserError(f"trials, batch and heartbeat must be >= 1 and tolerance >= 0, got "
                             f"{self.trials}, {self.batch}, {self.heartbeat}, {self.tolerance:g}",
                             setting="trials,batch,heartbeat,tolerance")
+        if self.retime_rounds < 1:
+            raise UserError(f"retime_rounds must be >= 1, got {self.retime_rounds}", setting="retime_rounds")
         if not self.storage_retry >= 0:  # also refuses NaN
             raise UserError(f"storage_retry must be >= 0 seconds, got {self.storage_retry:g}", setting="storage_retry")
         if self.n % self.batch or self.verify_n < 2 * self.n:

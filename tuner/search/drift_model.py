@@ -232,11 +232,14 @@ def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver) -> 
 PREDICTION_ATTR = "model_seed"  # the study user attribute holding the model seed's prediction
 
 
-def add_model_seed(seeds: dict, model, profile, space: SearchSpace, cfg, solvers=BlockSolver) -> dict | None:
+def add_model_seed(seeds: dict, model, profile, space: SearchSpace, cfg, solvers=BlockSolver,
+                   existing=None) -> dict | None:
     """Put the `model` seed (as it lies in the search space) second among the seeds, after the
     sequential reference (seeds run in order, and a small --trials may not reach the last ones);
-    returns its prediction (None when there is no model seed, see `model_seed`)."""
-    made = model_seed(model, profile, space, cfg, solvers)
+    returns its prediction (None when there is no model seed, see `model_seed`). `existing`: the
+    study being resumed or joined, if it exists; the model seed it enqueued is taken from it
+    rather than calibrated again (a batch per calibration point, for every worker and resume)."""
+    made = _enqueued(existing, space, model) or model_seed(model, profile, space, cfg, solvers)
     if made is None:
         return None
     items = list(seeds.items())
@@ -244,6 +247,16 @@ def add_model_seed(seeds: dict, model, profile, space: SearchSpace, cfg, solvers
     seeds.update(items[:1] + [("model", space.schedule_from_params(space.params_of(made[0]), "model",
                                                                    model.fingerprint))] + items[1:])
     return made[1]
+
+
+def _enqueued(study, space: SearchSpace, model):
+    """(schedule, prediction) of the model seed `study` enqueued, or None (no study, or one from
+    before the model seed, or one whose creator has not enqueued its seeds yet)."""
+    trials = [] if study is None else study.get_trials(deepcopy=False)
+    params = next((t.params for t in trials if t.user_attrs.get("seed") == "model" and t.params), None)
+    if params is None:
+        return None
+    return space.schedule_from_params(params, "model", model.fingerprint), study.user_attrs.get(PREDICTION_ATTR)
 
 
 def with_prediction(table, study, prediction: dict | None):

@@ -47,7 +47,8 @@ def export(ev: Evaluator, summary: StudySummary, trial, sched: Schedule, ver: di
     """The winner with its provenance; fills the summary's final fields. `spent`
     (tuner.search.accounting.Spent) counts what the re-timing's sampling cost."""
     log("re-timing the chosen schedule against the seeds (interleaved) ...")
-    final = remeasure(ev, {"chosen": sched} | {k: seeds[k] for k in summary.seeds}, spent=spent)
+    final = remeasure(ev, {"chosen": sched} | {k: seeds[k] for k in summary.seeds},
+                      rounds=ev.cfg.retime_rounds, spent=spent)
     lat = final["chosen"]["median_s"]
     seq_lat = final["sequential"]["median_s"] if "sequential" in final else summary.sequential_latency_s
     for k, seed in summary.seeds.items():

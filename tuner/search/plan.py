@@ -14,7 +14,7 @@ tuner.search.accounting (serial passes, tokens, sequential-batch equivalents):
   running token by token;
 * the baseline (n / batch sequential batches), the noise floor (one sequential batch of n per
   floor seed), the verification (sequential and the likely winner, the cheapest seed, at
-  verify_n) and the re-timing (a warm-up and 3 rounds of up to 4 batches of the winner and of
+  verify_n) and the re-timing (a warm-up and --retime-rounds rounds of up to 4 batches of the winner and of
   every seed).
 
 Minutes need a clock: a device profile (`--objective cost:`) prices every pass by its width on
@@ -37,7 +37,7 @@ from tuner.search.accounting import STAGE_TITLES, STAGES, Spent, fmt_count
 from tuner.search.space import SearchSpace
 
 DRAWS = 64  # random draws from the search space a non-seed trial's work is averaged over
-RETIME_ROUNDS, RETIME_BATCHES = 3, 4  # remeasure: a warm-up batch, then 3 rounds of (at most) 4 per schedule
+RETIME_BATCHES = 4  # remeasure: a warm-up batch, then --retime-rounds rounds of (at most) 4 per schedule
 
 
 @dataclass
@@ -205,7 +205,7 @@ def forecast(model, profile, cfg, space: SearchSpace | None = None, seeds: dict 
             "baseline": [(seq, per_trial)],
             "noise_floor": [(seq, len(cfg.floor_seeds) * cfg.n / cfg.batch)],  # for the clock: n samples each
             "verification": [(seq, verify_b), (winner, verify_b)],
-            "retiming": [(w, 1 + RETIME_ROUNDS * min(RETIME_BATCHES, per_trial)) for w in [winner, *seed_work.values()]]}
+            "retiming": [(w, 1 + cfg.retime_rounds * min(RETIME_BATCHES, per_trial)) for w in [winner, *seed_work.values()]]}
     stages = {k: _spent(rows) for k, rows in work.items()}
     stages["noise_floor"] = _spent([(seq, len(cfg.floor_seeds))])  # as counted: one batch of n per seed
     return Forecast(stages, cfg.trials, per_trial, len(ran_seeds), draw.passes,

@@ -39,7 +39,7 @@ from tuner.search.export import verify_and_export
 from tuner.search.plan import announce
 from tuner.search.refine import refine
 from tuner.search.seeds import seed_results, seed_schedules
-from tuner.search.studies import (STARTED, RecordFailures, TrialCap, counted_trials, export_once,
+from tuner.search.studies import (STARTED, RecordFailures, TrialCap, counted_trials, existing_study, export_once,
                                   feasible_trials, make_study, open_storage, study_config, trials_table)
 from tuner.search.summary import Sequential, StudySummary
 
@@ -73,8 +73,10 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI shows a progress bar instead
     ev = Evaluator(model, profile, cfg, device, ref_s, ext, on_fallback=lambda why: log(f"warning: {why}"))
     seeds = seed_schedules(model, profile, ev.space, cfg.modes)
-    prediction = add_model_seed(seeds, model, profile, ev.space, cfg, ev.solvers)  # tuner.search.drift_model
-    study = make_study(open_storage(storage, cfg.heartbeat, cfg.storage_retry, log), study_name, cfg.seed, resume,
+    store = open_storage(storage, cfg.heartbeat, cfg.storage_retry, log)
+    prediction = add_model_seed(seeds, model, profile, ev.space, cfg, ev.solvers,  # tuner.search.drift_model
+                                existing_study(store, study_name) if resume else None)
+    study = make_study(store, study_name, cfg.seed, resume,
                        study_config(cfg, model, device),
                        {name: ev.space.params_of(s) for name, s in list(seeds.items())[:cfg.trials]})
 

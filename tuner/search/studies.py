@@ -168,6 +168,16 @@ def make_study(storage, name: str, seed: int, resume: bool, config: dict, seeds:
     return study
 
 
+def existing_study(storage, name: str) -> optuna.Study | None:
+    """The study `name` if the storage holds it (a --resume or a late worker), else None."""
+    try:
+        if name not in optuna.study.get_all_study_names(storage):
+            return None
+    except Exception as e:
+        raise UserError(f"cannot open Optuna storage: {_first_line(e) or type(e).__name__}") from None
+    return optuna.load_study(study_name=name, storage=storage)
+
+
 def _await(get, seconds: float, poll: float = 0.2):
     """`get()` once it is not None, or None after `seconds`."""
     end = time.monotonic() + seconds
