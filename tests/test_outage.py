@@ -27,8 +27,10 @@ import sqlalchemy.exc
 import typer
 from optuna.trial import TrialState
 
+from tarflow.schedule import Schedule
 from tuner.search.outage import (EXIT_CODE, Outage, RetryingStorage, StorageGone, is_transient, retrying,
                                  run_optimize)
+from tuner.search.summary import StudySummary
 
 from .conftest import one_line_error, run_cli
 from .pg import throwaway_server
@@ -247,7 +249,7 @@ def test_a_negative_storage_retry_is_refused():
 # ---- a real PostgreSQL server, stopped under two workers -------------------------------------
 
 # as tests/test_workers.py: tiny, unguided, and every worker starts from one shared profile
-ARGS = ["--trials", "10", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
+ARGS = ["--trials", "8", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
         "--heartbeat", "2", "--modes", "segments", "--device", "cpu", "--retime-rounds", "1"]
 CAP = int(ARGS[ARGS.index("--trials") + 1])
 
@@ -350,6 +352,15 @@ def test_two_workers_ride_out_a_database_restart(server, profiled, tmp_path):
         assert out.count("went away") == 1 and out.count("is back after") == 1, out
         assert "Traceback" not in out + err
     trials = _check_finished(server.url(), "restart", kept)
+    # the sharing itself (test_workers' three-worker study is the slow form): seeds enqueued once,
+    # the winner verified and exported by one worker, and every worker writes that same result
+    seeds = [t.user_attrs["seed"] for t in trials if "seed" in t.user_attrs]
+    assert sorted(seeds) == sorted(set(seeds)) and {"sequential", "paper"} <= set(seeds), seeds
+    assert sum("re-timing the chosen schedule" in out for out, _ in outs) == 1
+    summaries = [StudySummary.load(tmp_path / f"w{i}" / "summary.json").to_dict() for i in range(2)]
+    assert summaries[0]["chosen_trial"] is not None and summaries[1] == summaries[0]
+    plans = [Schedule.load(tmp_path / f"w{i}" / "schedule.json").plans for i in range(2)]
+    assert plans[1] == plans[0]
     print(f"restart: {len(kept)} completed before the stop; after: "
           f"{sorted(collections.Counter(t.state.name for t in trials).items())}, "
           f"{sum(bool(t.user_attrs.get('over_cap')) for t in trials)} over the cap; " + "; ".join(

@@ -34,6 +34,7 @@ def postgres_url():
         yield srv.url()
 
 
+@pytest.mark.slow  # test_outage's restart test runs the same checks on two workers
 def test_three_workers_share_one_study(postgres_url, tmp_path, tiny_calib, plain_profile):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-c", "from tuner.cli import app; app()", "tune", *ARGS,

@@ -89,9 +89,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
                         settings=cfg.sampling, batch=cfg.n)
     warn = tolerance_check(cfg.tolerance, floor)
     log(f"noise floor: FID {floor['mean']:.4g} ± {floor['std']:.3g} ({ext.id}, n={cfg.n}, "
-        f"{len(floor['values'])} seeds)")
-    if warn:
-        log(f"warning: {warn}")
+        f"{len(floor['values'])} seeds)" + (f"\nwarning: {warn}" if warn else ""))
     run_trials(study, ev, cfg, progress, log, fresh := FreshCheck(ev, cfg, vext, ref_v, study=study))
 
     def result() -> dict:
