@@ -136,7 +136,11 @@ GROUPS = {"tiny_study": "tiny-study", "postgres_url": "postgres", "server": "pos
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
 def pytest_collection_modifyitems(config, items):
+    grouped = set()
     for item in items:
         group = next((g for name, g in GROUPS.items() if name in getattr(item, "fixturenames", ())), None)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+            grouped.add(item.nodeid)
+    # the long groups first, so that the short tests fill in beside them rather than after them
+    items.sort(key=lambda item: item.nodeid not in grouped)

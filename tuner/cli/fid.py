@@ -71,6 +71,7 @@ def fid(
                          floor=noise_floor, tolerance=tolerance, settings=settings, force=force,
                          batch=batch, device=dev, progress=not json_out and sys.stderr.isatty(), ranks=ranks,
                          solvers=solver.choice(dev))
+    ranks.close()
     if result is None:  # another rank than 0 of a --workers run: rank 0 reports
         return
     if json_out:

@@ -44,6 +44,16 @@ class Ranks:
         return np.concatenate(parts) if self.main else None
 
 
+    def close(self) -> None:
+        """Leave the process group together: a barrier, then its teardown. A rank that simply
+        exits while a peer still holds its connection can take that peer down (gloo aborts a
+        process whose peer closed the socket under it: rank 1 died of SIGABRT in about one run in
+        ten on a loaded 2-core machine)."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def init_ranks(device: str) -> Ranks:
     """Join the process group torchrun describes in the environment (a single process otherwise)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
