@@ -249,7 +249,7 @@ def test_a_negative_storage_retry_is_refused():
 # ---- a real PostgreSQL server, stopped under two workers -------------------------------------
 
 # as tests/test_workers.py: tiny, unguided, and every worker starts from one shared profile
-ARGS = ["--trials", "8", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
+ARGS = ["--trials", "6", "--n", "16", "--batch", "16", "--verify-n", "32", "--max-drift", "off", "--tolerance", "1000",
         "--heartbeat", "2", "--modes", "segments", "--device", "cpu", "--retime-rounds", "1"]
 CAP = int(ARGS[ARGS.index("--trials") + 1])
 

@@ -115,6 +115,28 @@ PLAIN_ARGS = ["--trials", "5", "--n", "16", "--batch", "16", "--verify-n", "32",
               "--tolerance", "1000", "--modes", "segments", "--device", "cpu", "--retime-rounds", "1"]
 
 
+def test_a_study_resumes_only_when_asked_and_with_its_own_settings(tiny_study, tiny_calib, tmp_path):
+    """The short form of the slow test below, on a copy of the shared tiny study: without --resume
+    and with other settings the tune is refused before any trial, and the study is unchanged."""
+    import shutil
+
+    from .conftest import TINY_STUDY_ARGS
+
+    out = tmp_path / "study"
+    shutil.copytree(tiny_study[0], out)
+    storage = f"sqlite:///{out / 'study.db'}"
+    before = [(t.number, t.state, t.params, t.value) for t in
+              optuna.load_study(study_name="tarflow-tune", storage=storage).trials]
+    res = runner.invoke(app, ["tune", *with_args(TINY_STUDY_ARGS, trials=7), "--data", str(tiny_calib), "--out", str(out)])
+    assert res.exit_code == 2 and "--resume" in res.output
+    res = runner.invoke(app, ["tune", *with_args(TINY_STUDY_ARGS, trials=7, batch=8), "--data", str(tiny_calib),
+                              "--out", str(out), "--resume"])
+    assert res.exit_code == 2 and "batch 16 -> 8" in res.output  # other settings: not comparable
+    after = optuna.load_study(study_name="tarflow-tune", storage=storage).trials
+    assert [(t.number, t.state, t.params, t.value) for t in after] == before
+
+
+@pytest.mark.slow  # the refusals are in the test above; resuming a study is in test_recovery too
 def test_resume_adds_trials_to_the_same_study(tmp_path, tiny_calib, plain_profile):
     out = study_with_profile(plain_profile, tmp_path / "study")
     res = runner.invoke(app, ["tune", *PLAIN_ARGS, "--data", str(tiny_calib), "--out", str(out), "--resume"])

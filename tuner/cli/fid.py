@@ -74,11 +74,8 @@ def fid(
     ranks.close()
     if result is None:  # another rank than 0 of a --workers run: rank 0 reports
         return
-    if json_out:
-        typer.echo(json.dumps(result, indent=2, sort_keys=True))
-    else:
-        for line in format_fid(result):
-            typer.echo(line)
+    for line in [json.dumps(result, indent=2, sort_keys=True)] if json_out else format_fid(result):
+        typer.echo(line)
 
 
 @app.command("fid-ref")
