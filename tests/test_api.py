@@ -136,3 +136,18 @@ def test_the_readme_calls_the_api_as_it_is():
     assert {c.func.id for c in calls} == {"profile", "tune"}
     for call in calls:
         inspect.signature(getattr(api, call.func.id)).bind(*call.args, **{k.arg: None for k in call.keywords})
+
+
+def test_the_bundled_default_tunes_from_its_committed_profile(model, calib16):
+    """`tarflow-tuner tune` on the bundled model, its calibration set and default settings would
+    measure the committed profile again: it takes that one. Any other data or settings are
+    profiled (a guided tune, a user's images)."""
+    from tuner.api import _committed_profile, prepare
+    from tuner.bundled import DEFAULT_CALIB, DEFAULT_PROFILE
+
+    _, settings, _ = prepare(model, None)
+    prof = _committed_profile(model, DEFAULT_CALIB, settings)
+    assert prof is not None and prof.meta["n"] == 256 and prof.meta["fingerprint"] == model.fingerprint
+    assert prof.meta["labels"] == OWN_LABELS and (DEFAULT_PROFILE / "profile.json").is_file()
+    assert _committed_profile(model, calib16[0], settings) is None
+    assert _committed_profile(model, DEFAULT_CALIB, SamplingSettings(guidance=1.5)) is None

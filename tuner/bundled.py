@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 STUDIES = REPO / "studies"
 DEFAULT_CKPT = STUDIES / "mnist" / "model.pth"  # the bundled default model (T = 49, 4 blocks)
 DEFAULT_CALIB = STUDIES / "mnist" / "calibration.npz"  # its calibration images and labels
+DEFAULT_PROFILE = STUDIES / "mnist" / "profile"  # its block profile on all of them, default settings
 FID_DIR = STUDIES / "mnist" / "fid"  # mnist-cnn weights and the committed reference statistics
 
 
