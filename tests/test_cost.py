@@ -88,8 +88,8 @@ def test_a_tune_records_its_cost_per_stage_and_says_it(tiny_study, model):
     assert cost.stages["search"].passes == sum(r["passes"] for r in recs)  # the trials' own records, summed
     assert cost.stages["search"].tokens == sum(r["tokens"] for r in recs)
     for t in trials:
-        if t.state == optuna.trial.TrialState.COMPLETE:
-            assert t.user_attrs[TRIAL_ATTR]["passes"] == t.user_attrs["passes"]
+        if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("seed") != "sequential":
+            assert t.user_attrs[TRIAL_ATTR]["passes"] == t.user_attrs["passes"]  # (the sequential seed: below)
     table = pd.read_csv(out / "trials.csv")
     assert table.cost_passes.sum() == cost.stages["search"].passes
     stopped = table[table.state == "PRUNED"]  # e.g. the `jacobi` seed: a sample 42/255 off in its first batch
@@ -109,6 +109,20 @@ def test_a_tune_records_its_cost_per_stage_and_says_it(tiny_study, model):
     assert output.index("expected cost of this tune") < output.index("verify trial")  # announced first
     assert re.search(rf"this tune cost [\d,]+ serial passes = [\d,]+ sequential batches of {batch}", output), output
     assert "What the tune cost" in (out / "report.html").read_text()
+
+
+def test_the_sequential_seed_is_the_baselines_run_and_samples_nothing(tiny_study):
+    """Token by token in every block is the sequential sampler, which the baseline already ran on
+    the search noise: the seed's trial takes its samples (same FID, no drift) and costs nothing."""
+    out, _ = tiny_study
+    summary = StudySummary.load(out / "summary.json")
+    table = pd.read_csv(out / "trials.csv")
+    seq = table[table.seed == "sequential"].iloc[0]
+    assert seq.state == "COMPLETE" and seq.cost_passes == 0 and seq.cost_tokens == 0
+    assert seq.fid == summary.sequential.fid and seq.proxy_rmse_max == 0
+    assert seq.objective == summary.sequential.objective_value  # 192 serial passes per batch: what it runs
+    others = table[(table.seed != "sequential") & (table.state == "COMPLETE")]
+    assert (others.cost_passes > 0).all()
 
 
 def test_summaries_without_a_cost_still_load():

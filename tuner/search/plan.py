@@ -200,8 +200,10 @@ def forecast(model, profile, cfg, space: SearchSpace | None = None, seeds: dict 
     draw = est.space(space) if cfg.trials > len(seeds) else seq
     winner = min((w for name, w in seed_work.items() if name != "sequential"), key=lambda w: w.passes, default=seq)
     per_trial, verify_b = cfg.n // cfg.batch, -(-cfg.verify_n // cfg.batch)
-    ran_seeds = list(seed_work.values())[:cfg.trials]
-    work = {"search": [(w, per_trial) for w in ran_seeds] + [(draw, per_trial * (cfg.trials - len(ran_seeds)))],
+    ran_seeds = list(seed_work.items())[:cfg.trials]
+    # the sequential seed samples nothing: it is the baseline's run (tuner.search.evaluate)
+    work = {"search": [(w, per_trial) for name, w in ran_seeds if name != "sequential"]
+            + [(draw, per_trial * (cfg.trials - len(ran_seeds)))],
             "baseline": [(seq, per_trial)],
             "noise_floor": [(seq, len(cfg.floor_seeds) * cfg.n / cfg.batch)],  # for the clock: n samples each
             "verification": [(seq, verify_b), (winner, verify_b)],
