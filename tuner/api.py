@@ -69,7 +69,7 @@ def profile(model, *, data=DEFAULT_CALIB, n: int | None = 256, seed: int = 0, cu
 
 
 def tune(model, *, data=DEFAULT_CALIB, settings=None, profile=None, out="runs/tune", tolerance: float = 10.0,
-         trials: int = 50, timeout: float | None = None, batch: int = 16, n: int = 512, verify_n: int = 1024,
+         trials: int = 30, timeout: float | None = None, batch: int = 16, n: int = 256, verify_n: int = 1024,
          extractor: str | None = None, verify_extractor: str | None = None, ref=None, verify_ref=None,
          ref_data=None, prune_rmse: float = 12.0, objective: str | None = None,
          max_drift: float | None = 2.0, modes=("segments", "frontier"), heartbeat: int = 60,

@@ -16,10 +16,10 @@ REFINE_TRIALS = 12  # at most this many of --trials (and at most a third) bisect
 @dataclass(frozen=True)
 class TuneConfig:
     tolerance: float = 10.0  # allowed FID increase over sequential (same noise, same n)
-    trials: int = 50
+    trials: int = 30  # with the model seed and the refinement, 30 found fewer passes than 50 without
     timeout: float | None = None  # seconds for the trial loop
     batch: int = 16  # latency is measured for this batch size
-    n: int = 512  # FID samples per trial (a multiple of batch)
+    n: int = 256  # FID samples per trial (a multiple of batch); the drift limit binds first
     verify_n: int = 1024  # >= 2n, for the re-verification of the winner
     extractor: str = "mnist-cnn"
     verify_extractor: str = "mnist-cnn"

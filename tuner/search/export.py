@@ -28,7 +28,7 @@ def verify_and_export(ev: Evaluator, summary: StudySummary, candidates, vext, vr
     summary's final fields); returns what the verification and the re-timing cost to sample
     (tuner.search.accounting), each with its wall seconds. With a shared `fresh` check
     (tuner.search.fresh) the verification's passes are all it sampled, the refinement's checks
-    included (its seconds only the final verification's)."""
+    included, and its seconds theirs too."""
     spent, t0 = {"verification": Spent(), "retiming": Spent()}, time.perf_counter()
     trial, sched, ver = verify(ev, candidates, ev.cfg, vext, vref, log, spent=spent["verification"], fresh=fresh) \
         if candidates else (None, None, None)
@@ -36,6 +36,7 @@ def verify_and_export(ev: Evaluator, summary: StudySummary, candidates, vext, vr
     if fresh is not None:  # all this process sampled on the fresh noise: the refinement's checks too
         ver_spent = spent["verification"]
         ver_spent.passes, ver_spent.tokens, ver_spent.batches = fresh.spent.passes, fresh.spent.tokens, fresh.spent.batches
+        ver_spent.seconds = fresh.spent.seconds
     if sched is not None:
         export(ev, summary, trial, sched, ver, seeds, log, spent=spent["retiming"])
         spent["retiming"].seconds = time.perf_counter() - t0
