@@ -29,7 +29,7 @@ from tuner.measure.timing import device_info
 from tuner.quality.extractors import get_extractor
 from tuner.quality.fid import RefStats, default_ref_path, reference_stats
 from tuner.quality.floor import noise_floor, tolerance_check
-from tuner.search.config import REFINE_TRIALS, TuneConfig
+from tuner.search.config import REFINE_TRIALS, VERIFY_CANDIDATES, TuneConfig
 from tuner.search.drift_model import add_model_seed, with_prediction
 from tuner.search.evaluate import Evaluator
 from tuner.search.fresh import FreshCheck
@@ -104,10 +104,10 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
             sequential=Sequential(base.latency, base.fid, ext.id, cfg.n, base.value), noise_floor=floor,
             tolerance_warning=warn, seeds=seed_results(study, seeds))
         cands = [(t, ev.schedule_from_params(t.params, f"tuned (trial {t.number})"))
-                 for t in feasible_trials(study) if fresh.known(t) is not False and screen.known(t) is not False]
-        # verify the fastest few feasible candidates (sequential, if fastest, passes trivially); count the cost
+                 for t in feasible_trials(study) if fresh.known(t) is not False and screen.known(t) is not False][:VERIFY_CANDIDATES]
+        # verify the fastest feasible candidates until one holds (sequential, if fastest, passes trivially); count the cost
         summary.cost = tune_cost(study, ev.B, ev.T, {"baseline": base.spent, "noise_floor": floor_spent(floor)}
-                                 | verify_and_export(ev, summary, cands[:3], vext, ref_v, seeds, log, fresh), plan.stages)
+                                 | verify_and_export(ev, summary, cands, vext, ref_v, seeds, log, fresh), plan.stages)
         return json.loads(json.dumps(summary.to_dict(), default=str))  # as summary.json holds it
 
     summary = StudySummary.from_dict(export_once(study, cfg.heartbeat, result, log), "the study's stored result")
