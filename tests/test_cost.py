@@ -102,6 +102,9 @@ def test_a_tune_records_its_cost_per_stage_and_says_it(tiny_study, model):
     assert base.batches == n // batch + 2 and base.passes > n // batch * SEQ_BATCH
     assert cost.stages["verification"].passes > verify_n // batch * SEQ_BATCH  # sequential on fresh noise + winner
     assert cost.stages["retiming"].batches > 0
+    pred = optuna.load_study(study_name="tarflow-tune", storage=f"sqlite:///{out / 'study.db'}").user_attrs["model_seed"]
+    calibration = cost.stages["model_seed"]  # the drift model's calibration, before the first trial
+    assert calibration.passes == pred["calibration"]["passes"] > 0 and calibration.tokens > calibration.passes
     for s in cost.stages.values():
         assert s.sequential_batches == pytest.approx(s.passes / SEQ_BATCH, abs=1e-3) and s.seconds > 0
     assert set(cost.estimate) == set(STAGES)

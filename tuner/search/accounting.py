@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass
 
 import optuna
 
-STAGES = ("search", "baseline", "noise_floor", "verification", "retiming")
-STAGE_TITLES = {"search": "search (all trials)", "baseline": "sequential baseline", "noise_floor": "noise floor",
+STAGES = ("search", "model_seed", "baseline", "noise_floor", "verification", "retiming")
+STAGE_TITLES = {"search": "search (all trials)", "model_seed": "model seed (drift calibration)",
+                "baseline": "sequential baseline", "noise_floor": "noise floor",
                 "verification": "verification (fresh noise)", "retiming": "re-timing"}
 TRIAL_ATTR = "cost"  # the Optuna user attribute every trial's spending is stored under
 

@@ -23,6 +23,7 @@ point drifts (`admissible`): the grid's neighbour stands in for the unlucky batc
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,7 @@ from tarflow.solve import solve_segment, solve_sequential
 from tarflow.schedule import BlockPlan, Schedule, builtin_schedule
 
 from tuner.quality.paired import pixel_drift
+from tuner.search.accounting import Spent
 from tuner.search.space import SearchSpace
 
 # calibration tolerances (log10), loosest first; the loosest only bounds its neighbour
@@ -65,9 +67,12 @@ class Calibration:
     def __init__(self, model, noise, labels, settings, solvers=BlockSolver):
         self.model, self.labels, self.settings, self.solvers = model, labels, settings, solvers
         outs = {}
+        t0 = time.perf_counter()
         self.x, st = sample(model, noise, builtin_schedule("sequential", model), labels=labels, settings=settings,
                             callback=lambda r: outs.__setitem__(r["block"], r["x"].clone()), solvers=solvers)
-        self.passes, self.runs = st.passes, 1  # what the calibration sampled: serial passes, batch runs
+        self.spent = Spent()  # what the calibration sampled (tuner.search.accounting); one batch per run
+        self.spent.add(st)
+        self.spent.seconds = time.perf_counter() - t0
         B = model.cfg.num_blocks
         # block k's input is block k+1's result in image order; the first block's is the prior
         self.inputs = {k: prior_latents(model, noise) if k == B - 1 else model.blocks[k + 1].permute(outs[k + 1])
@@ -94,15 +99,22 @@ class Calibration:
         solver = self.solvers(blk, self.labels, n, self.settings, z.device, model.var.dtype)
         one = BlockPlan(k, 1, plan.max_iters, plan.init, tightest)
         every = 4 if model.var.is_cuda else 1  # as the sampler does
+        t0 = time.perf_counter()
         solve_segment(solver, z, torch.empty_like(z), 0, T, one, None, last=True, check_every=every, record=record)
-        self.passes, self.runs = self.passes + len(residuals), self.runs + 1
+        stats = SamplerStats(T=T)
+        stats.record(k, "jacobi", [len(residuals)], residuals, T * len(residuals))  # a pass: all T tokens
+        self._count(stats, t0)
         return iterates, residuals
+
+    def _count(self, stats, t0: float) -> None:
+        self.spent.add(stats)
+        self.spent.seconds += time.perf_counter() - t0
 
     @torch.no_grad()
     def finish(self, k: int, xb) -> torch.Tensor:
         """Final images from block k's result `xb` (block order), every later block exact."""
         model, T = self.model, self.model.cfg.num_patches
-        x, stats = model.blocks[k].permute(xb), SamplerStats(T=T)
+        x, stats, t0 = model.blocks[k].permute(xb), SamplerStats(T=T), time.perf_counter()
         for j in range(k - 1, -1, -1):
             blk, p = model.blocks[j], BlockPlan(j, T, 1)
             solver = CountedSolver(self.solvers(blk, self.labels, len(x), self.settings, x.device, model.var.dtype))
@@ -110,7 +122,7 @@ class Calibration:
         x = model.unpatchify(x)
         if self.settings.denoise_std > 0:
             x = denoise(model, x, self.labels, self.settings.denoise_std)
-        self.passes, self.runs = self.passes + stats.passes, self.runs + 1
+        self._count(stats, t0)
         return x
 
     def curve(self, plan: BlockPlan, target: float, grid=GRID) -> BlockCurve:
@@ -194,7 +206,8 @@ def allocate(curves: list[BlockCurve], limit: float) -> Allocation | None:
     return Allocation({c.block: g for c, g in zip(curves, chosen)}, passes, float(math.sqrt(sq.max())))
 
 
-def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver) -> tuple[Schedule, dict] | None:
+def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver,
+               spent: Spent | None = None) -> tuple[Schedule, dict] | None:
     """The `model` seed and its prediction: one Jacobi segment per block from the profile's best
     initial guess and the search range's budget, each block's tolerance allocated by the drift
     model for cfg.max_drift / TAIL_MARGIN (the search's n samples and the verification noise
@@ -203,7 +216,7 @@ def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver) -> 
 
     The calibration batch is the search noise's first batch, so the seed trial's first batch
     is the batch the prediction is for. None without a drift limit (nothing to allocate) or
-    where no allocation fits."""
+    where no allocation fits. `spent` counts what the calibration sampled (also when none fits)."""
     if cfg.max_drift is None or "segments" not in space.modes:
         return None
     bs, B = cfg.batch, model.cfg.num_blocks
@@ -216,6 +229,8 @@ def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver) -> 
     curves = [cal.curve(p, target) for p in base.values()]
     alloc = allocate(curves, target)
     if alloc is None:
+        if spent is not None:
+            spent.add_spent(cal.spent)
         return None
     plans = tuple(BlockPlan(**{**vars(p), "tol": SearchSpace.tol_of(alloc.log_tols[k])}) for k, p in base.items())
     sched = Schedule(plans=plans, fingerprint=model.fingerprint, name="model")
@@ -225,7 +240,10 @@ def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver) -> 
         "combine": "root-sum-square per sample", "batch": bs,
         "blocks": [{"block": c.block, "log_tol": alloc.log_tols[c.block], "passes": c.passes[chosen[c.block]],
                     "drift": float(c.drift[chosen[c.block]].max())} for c in curves],
-        "calibration": {"points": sum(len(c.log_tols) for c in curves), "runs": cal.runs, "passes": cal.passes}}
+        "calibration": {"points": sum(len(c.log_tols) for c in curves), "runs": cal.spent.batches,
+                        "passes": cal.spent.passes, "tokens": cal.spent.tokens}}
+    if spent is not None:
+        spent.add_spent(cal.spent)
     return sched, prediction
 
 
@@ -233,13 +251,14 @@ PREDICTION_ATTR = "model_seed"  # the study user attribute holding the model see
 
 
 def add_model_seed(seeds: dict, model, profile, space: SearchSpace, cfg, solvers=BlockSolver,
-                   existing=None) -> dict | None:
+                   existing=None, spent: Spent | None = None) -> dict | None:
     """Put the `model` seed (as it lies in the search space) second among the seeds, after the
     sequential reference (seeds run in order, and a small --trials may not reach the last ones);
     returns its prediction (None when there is no model seed, see `model_seed`). `existing`: the
     study being resumed or joined, if it exists; the model seed it enqueued is taken from it
-    rather than calibrated again (a batch per calibration point, for every worker and resume)."""
-    made = _enqueued(existing, space, model) or model_seed(model, profile, space, cfg, solvers)
+    rather than calibrated again (a batch per calibration point, for every worker and resume).
+    `spent` counts what a calibration here sampled."""
+    made = _enqueued(existing, space, model) or model_seed(model, profile, space, cfg, solvers, spent)
     if made is None:
         return None
     items = list(seeds.items())

@@ -37,6 +37,9 @@ from tuner.search.accounting import STAGE_TITLES, STAGES, Spent, fmt_count
 from tuner.search.space import SearchSpace
 
 DRAWS = 64  # random draws from the search space a non-seed trial's work is averaged over
+# the model seed's drift calibration (tuner.search.drift_model), in sequential batches per block: it
+# cost 10.9 on the bundled model and 9.9 on the patch-2 model (4 blocks each); its grid adapts, so a guess
+MODEL_SEED_SEQ_BATCHES = 3
 RETIME_BATCHES = 4  # remeasure: a warm-up batch, then --retime-rounds rounds of (at most) 4 per schedule
 
 
@@ -204,6 +207,8 @@ def forecast(model, profile, cfg, space: SearchSpace | None = None, seeds: dict 
     # the sequential seed samples nothing: it is the baseline's run (tuner.search.evaluate)
     work = {"search": [(w, per_trial) for name, w in ran_seeds if name != "sequential"]
             + [(draw, per_trial * (cfg.trials - len(ran_seeds)))],
+            "model_seed": [(seq, MODEL_SEED_SEQ_BATCHES * B)] if cfg.max_drift is not None and "segments" in cfg.modes
+            else [],
             "baseline": [(seq, per_trial)],
             "noise_floor": [(seq, len(cfg.floor_seeds) * cfg.n / cfg.batch)],  # for the clock: n samples each
             "verification": [(seq, verify_b), (winner, verify_b)],

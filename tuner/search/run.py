@@ -34,7 +34,7 @@ from tuner.search.drift_model import add_model_seed, with_prediction
 from tuner.search.evaluate import Evaluator
 from tuner.search.fresh import FreshCheck
 from tuner.search.outage import run_optimize
-from tuner.search.accounting import floor_spent, tune_cost, with_cost_columns
+from tuner.search.accounting import Spent, floor_spent, tune_cost, with_cost_columns
 from tuner.search.export import verify_and_export
 from tuner.search.plan import announce
 from tuner.search.refine import refine
@@ -75,7 +75,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     seeds = seed_schedules(model, profile, ev.space, cfg.modes)
     store = open_storage(storage, cfg.heartbeat, cfg.storage_retry, log)
     prediction = add_model_seed(seeds, model, profile, ev.space, cfg, ev.solvers,  # tuner.search.drift_model
-                                existing_study(store, study_name) if resume else None)
+                                existing_study(store, study_name) if resume else None, calibrated := Spent())
     study = make_study(store, study_name, cfg.seed, resume,
                        study_config(cfg, model, device),
                        {name: ev.space.params_of(s) for name, s in list(seeds.items())[:cfg.trials]})
@@ -106,7 +106,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
         cands = [(t, ev.schedule_from_params(t.params, f"tuned (trial {t.number})"))
                  for t in feasible_trials(study) if fresh.known(t) is not False and screen.known(t) is not False][:VERIFY_CANDIDATES]
         # verify the fastest feasible candidates until one holds (sequential, if fastest, passes trivially); count the cost
-        summary.cost = tune_cost(study, ev.B, ev.T, {"baseline": base.spent, "noise_floor": floor_spent(floor)}
+        summary.cost = tune_cost(study, ev.B, ev.T, {"model_seed": calibrated, "baseline": base.spent, "noise_floor": floor_spent(floor)}
                                  | verify_and_export(ev, summary, cands, vext, ref_v, seeds, log, fresh), plan.stages)
         return json.loads(json.dumps(summary.to_dict(), default=str))  # as summary.json holds it
 
