@@ -59,7 +59,7 @@ def refine(study, space: SearchSpace, n: int, run, fresh=None) -> int:
 def blocks_by_passes(trial, space: SearchSpace) -> list[int]:
     """The blocks with a tolerance (not token by token), most passes first, from the trial's
     recorded passes per segment (user_attrs["iters"], sampling order)."""
-    plans = space.schedule_from_params(trial.params).plans
+    plans = space.plans_of(trial.params)
     iters = trial.user_attrs.get("iters") or [[0]] * len(plans)
     spent = {p.block: sum(i) for p, i in zip(plans, iters) if p.mode == "frontier" or p.segments < space.T}
     return sorted(spent, key=lambda k: (-spent[k], -k))
@@ -80,7 +80,7 @@ def _holds(trial, fresh) -> bool:
 def _plans(space: SearchSpace, params: dict):
     """The schedule's plans as dicts, or None for a trial that failed before all its parameters."""
     try:
-        plans = [vars(p) for p in space.schedule_from_params(params).plans]
+        plans = [vars(p) for p in space.plans_of(params)]
     except (KeyError, TypeError, ValueError):
         return None
     # a token-by-token block ignores its tolerance (older studies gave it the shared one)

@@ -40,7 +40,8 @@ from tuner.search.plan import announce
 from tuner.search.refine import refine
 from tuner.search.seeds import seed_results, seed_schedules
 from tuner.search.studies import (STARTED, RecordFailures, TrialCap, counted_trials, existing_study, export_once,
-                                  feasible_trials, make_study, open_storage, study_config, trials_table)
+                                  feasible_trials, keep_init_choices, make_study, open_storage, study_config,
+                                  trials_table)
 from tuner.search.summary import Sequential, StudySummary
 
 
@@ -61,15 +62,20 @@ def resolve_ref(extractor, ref_path, data, out: Path, model):
                     "pass --ref-data (images) or --ref (see `tarflow-tuner fid-ref`)")
 
 
+def _extractors(cfg: TuneConfig, device, ref, verify_ref, data, out: Path, model):
+    """The search's and the verification's FID extractors and reference statistics."""
+    ext = get_extractor(cfg.extractor, device=device)
+    vext = ext if cfg.verify_extractor == cfg.extractor else get_extractor(cfg.verify_extractor, device=device)
+    ref_s = resolve_ref(ext, ref, data, out, model)
+    return ext, vext, ref_s, ref_s if vext is ext else resolve_ref(vext, verify_ref, data, out, model)
+
+
 def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage: str,
          study_name: str, resume: bool, ref=None, verify_ref=None, data=None, log=print,
          progress=None, checkpoint: str | None = None) -> StudySummary:
     """The whole search; writes schedule.json, trials.csv, summary.json, seeds/*.json and the report's pictures
     into `out`. `summary.schedule` is None (and no schedule written) when none met the tolerance. Raises UserError."""
-    ext = get_extractor(cfg.extractor, device=device)
-    vext = ext if cfg.verify_extractor == cfg.extractor else get_extractor(cfg.verify_extractor, device=device)
-    ref_s = resolve_ref(ext, ref, data, out, model)
-    ref_v = ref_s if vext is ext else resolve_ref(vext, verify_ref, data, out, model)
+    ext, vext, ref_s, ref_v = _extractors(cfg, device, ref, verify_ref, data, out, model)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI shows a progress bar instead
     ev = Evaluator(model, profile, cfg, device, ref_s, ext, on_fallback=lambda why: log(f"warning: {why}"))
     seeds = seed_schedules(model, profile, ev.space, cfg.modes)
@@ -79,6 +85,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     study = make_study(store, study_name, cfg.seed, resume,
                        study_config(cfg, model, device),
                        {name: ev.space.params_of(s) for name, s in list(seeds.items())[:cfg.trials]})
+    keep_init_choices(study, ev.space)
 
     t_start = time.perf_counter()
     log(f"sequential baseline on {cfg.n} samples (batch {cfg.batch}) ...")

@@ -30,7 +30,7 @@ TOL_CHOICES = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the shared `tol` of o
 LOG_TOL_RANGE = (-5.0, 0.5)  # b{k}_log_tol: log10 of the tolerance; 10^0.5 stops the easy blocks after 1-3 passes
 EXACT_BELOW = -4.5  # a log tolerance below this is 0 (exact): the lowest tenth of the range
 ANDERSON_CHOICES = (0, 2, 3)  # Anderson history per block (0 = plain Jacobi)
-INIT_CHOICES = ("zeros", "z")
+INIT_CHOICES = ("zeros", "z")  # plus "calibrated" where the profile fitted its guesses (`inits_for`)
 MODES = ("segments", "frontier")
 CSV_PREFIX = "param_"  # how trials.csv prefixes parameter columns
 
@@ -39,19 +39,30 @@ class SearchSpace:
     """Per-block schedules of a model with B blocks and T tokens. `profile` (tuner.measure.profile.Profile)
     bounds the pass budgets; decoding needs no profile."""
 
-    def __init__(self, B: int, T: int, profile=None, modes: tuple[str, ...] = MODES):
+    def __init__(self, B: int, T: int, profile=None, modes: tuple[str, ...] = MODES, inits: tuple[str, ...] | None = None):
         self.B, self.T, self.profile, self.modes = B, T, profile, tuple(modes)
+        self.inits = tuple(inits) if inits is not None else self.inits_for(profile, B)
         self.segment_choices = sorted({s for s in SEGMENT_CHOICES if s <= T} | {T})
         self.window_choices = sorted({2 ** i for i in range(3, T.bit_length()) if 2 ** i < T} | {T})
 
     @classmethod
-    def for_model(cls, model, profile=None, modes: tuple[str, ...] = MODES) -> "SearchSpace":
-        return cls(model.cfg.num_blocks, model.cfg.num_patches, profile, modes)
+    def for_model(cls, model, profile=None, modes: tuple[str, ...] = MODES,
+                  inits: tuple[str, ...] | None = None) -> "SearchSpace":
+        return cls(model.cfg.num_blocks, model.cfg.num_patches, profile, modes, inits)
+
+    @staticmethod
+    def inits_for(profile, B: int) -> tuple[str, ...]:
+        """The initial guesses a search offers: `calibrated` too where the profile fitted one for
+        every block (studies/inits: it saved passes to 1e-3 on both MNIST models; the search
+        decides whether it wins here). A study keeps the choices it was created with (Optuna
+        refuses a categorical that changes), see `tuner.search.run`."""
+        fitted = len(getattr(profile, "guesses", None) or {}) == B
+        return INIT_CHOICES + (("calibrated",) if fitted else ())
 
     def iters_cap(self, k: int, S: int) -> int:
         """Budget range top: what the measured curves needed to reach 1e-4 (+1), at most L."""
         L = -(-self.T // S)
-        need = max(self.profile.iters_needed(k, S, init, 1e-4) for init in INIT_CHOICES)
+        need = max(self.profile.iters_needed(k, S, init, 1e-4) for init in self.inits)
         return max(1, min(L, need + 1))
 
     def suggest(self, trial, name: str, fingerprint=None) -> Schedule:
@@ -59,7 +70,7 @@ class SearchSpace:
         for k in range(self.B - 1, -1, -1):
             mode = trial.suggest_categorical(f"b{k}_mode", self.modes) if len(self.modes) > 1 else self.modes[0]
             params[f"b{k}_mode"] = mode
-            params[f"b{k}_init"] = trial.suggest_categorical(f"b{k}_init", INIT_CHOICES)
+            params[f"b{k}_init"] = trial.suggest_categorical(f"b{k}_init", self.inits)
             if mode == "frontier":
                 params[f"b{k}_window"] = trial.suggest_categorical(f"b{k}_window", self.window_choices)
             else:
@@ -94,7 +105,7 @@ class SearchSpace:
     def with_log_tol(self, params: dict, k: int, log_tol: float) -> dict:
         """`params` with block k's tolerance moved to `log_tol`, every other block's kept (an older
         study's shared `tol` becomes one value per block)."""
-        plans = self.schedule_from_params(params).plans
+        plans = self.plans_of(params)
         out = {key: v for key, v in params.items() if key != "tol" and not key.endswith("_log_tol")}
         for p in plans:
             if p.mode == "frontier" or p.segments < self.T:
@@ -115,6 +126,16 @@ class SearchSpace:
         return self.modes[0] if len(self.modes) == 1 else "segments"
 
     def schedule_from_params(self, params: dict, name: str = "trial", fingerprint=None) -> Schedule:
+        """The schedule of `params`, carrying the profile's fitted guess for each block whose init
+        is `calibrated` (a space without a profile cannot make those: see `plans_of`)."""
+        plans = self.plans_of(params)
+        fitted = {p.block for p in plans if p.init == "calibrated"}
+        guesses = {k: self.profile.guesses[k] for k in fitted} if fitted and self.profile is not None else {}
+        return Schedule(plans=plans, fingerprint=fingerprint, name=name, guesses=guesses)
+
+    def plans_of(self, params: dict) -> tuple[BlockPlan, ...]:
+        """The block plans of `params`, sampling order: what decoding for a table or a figure
+        needs (no fitted numbers)."""
         plans = []
         for k in range(self.B - 1, -1, -1):
             init, tol = str(params[f"b{k}_init"]), self._tol(params, k)
@@ -124,7 +145,7 @@ class SearchSpace:
             S = int(params[f"b{k}_segments"])
             plans.append(BlockPlan(k, S, int(params[f"b{k}_iters_s{S}"]), init, tol,
                                    anderson=int(params.get(f"b{k}_anderson", 0))))
-        return Schedule(plans=tuple(plans), fingerprint=fingerprint, name=name)
+        return tuple(plans)
 
     def params_of(self, sched: Schedule) -> dict:
         """A schedule as search parameters (budgets and tolerances clipped to the search range)."""
@@ -164,6 +185,6 @@ class SearchSpace:
         params = self.params_from_row(row)
         try:
             params = params | {k: int(float(v)) for k, v in params.items() if k.endswith(("_anderson", "_window"))}
-            return [vars(p) for p in self.schedule_from_params(params).plans]
+            return [vars(p) for p in self.plans_of(params)]
         except (KeyError, TypeError, ValueError):
             return None

@@ -178,6 +178,17 @@ def existing_study(storage, name: str) -> optuna.Study | None:
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def keep_init_choices(study: optuna.Study, space) -> None:
+    """A resumed or joined study keeps the initial guesses its trials chose from: Optuna refuses a
+    categorical parameter whose choices change, and a study made before `calibrated` was offered
+    (or with a profile without fitted guesses) has two."""
+    for t in study.get_trials(deepcopy=False):
+        dist = next((d for name, d in t.distributions.items() if name.endswith("_init")), None)
+        if dist is not None:
+            space.inits = tuple(dist.choices)
+            return
+
+
 def _await(get, seconds: float, poll: float = 0.2):
     """`get()` once it is not None, or None after `seconds`."""
     end = time.monotonic() + seconds
