@@ -235,7 +235,8 @@ def _committed_profile(model, data, settings):
     default tune on a 2-core CPU. None otherwise (a user's model is always profiled)."""
     from tuner.measure.profile import Profile
 
-    if Path(data).resolve() != DEFAULT_CALIB.resolve() or not (DEFAULT_PROFILE / "profile.json").is_file():
+    if (not isinstance(data, (str, Path)) or Path(data).resolve() != DEFAULT_CALIB.resolve()
+            or not (DEFAULT_PROFILE / "profile.json").is_file()):
         return None
     prof = Profile.load(DEFAULT_PROFILE)
     same = {"fingerprint": model.fingerprint, "sampling": settings.to_dict(), "curve_n": CURVE_N}
