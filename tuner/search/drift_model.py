@@ -206,6 +206,12 @@ def allocate(curves: list[BlockCurve], limit: float) -> Allocation | None:
     return Allocation({c.block: g for c, g in zip(curves, chosen)}, passes, float(math.sqrt(sq.max())))
 
 
+def wants_model_seed(cfg) -> bool:
+    """Whether a tune with these options has a model seed: a drift limit to allocate and the
+    segments mode its one-segment plans need."""
+    return cfg.max_drift is not None and "segments" in cfg.modes
+
+
 def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver,
                spent: Spent | None = None) -> tuple[Schedule, dict] | None:
     """The `model` seed and its prediction: one Jacobi segment per block from the profile's best
@@ -217,7 +223,7 @@ def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver,
     The calibration batch is the search noise's first batch, so the seed trial's first batch
     is the batch the prediction is for. None without a drift limit (nothing to allocate) or
     where no allocation fits. `spent` counts what the calibration sampled (also when none fits)."""
-    if cfg.max_drift is None or "segments" not in space.modes:
+    if not wants_model_seed(cfg):
         return None
     bs, B = cfg.batch, model.cfg.num_blocks
     noise = make_noise(cfg.n, model, cfg.seed)[:bs]
@@ -227,10 +233,10 @@ def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver,
     base = {k: BlockPlan(k, 1, space.iters_cap(k, 1), str(best[k])) for k in range(B - 1, -1, -1)}
     target = cfg.max_drift / TAIL_MARGIN
     curves = [cal.curve(p, target) for p in base.values()]
+    if spent is not None:  # all the calibration samples is done: count it, whether or not an allocation fits
+        spent.add_spent(cal.spent)
     alloc = allocate(curves, target)
     if alloc is None:
-        if spent is not None:
-            spent.add_spent(cal.spent)
         return None
     plans = tuple(BlockPlan(**{**vars(p), "tol": SearchSpace.tol_of(alloc.log_tols[k])}) for k, p in base.items())
     sched = Schedule(plans=plans, fingerprint=model.fingerprint, name="model")
@@ -242,8 +248,6 @@ def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver,
                     "drift": float(c.drift[chosen[c.block]].max())} for c in curves],
         "calibration": {"points": sum(len(c.log_tols) for c in curves), "runs": cal.spent.batches,
                         "passes": cal.spent.passes, "tokens": cal.spent.tokens}}
-    if spent is not None:
-        spent.add_spent(cal.spent)
     return sched, prediction
 
 

@@ -34,6 +34,7 @@ from tarflow.solvers import SolverChoice
 
 from tuner.measure.timing import timed
 from tuner.search.accounting import STAGE_TITLES, STAGES, Spent, fmt_count
+from tuner.search.drift_model import wants_model_seed
 from tuner.search.space import SearchSpace
 
 DRAWS = 64  # random draws from the search space a non-seed trial's work is averaged over
@@ -207,8 +208,7 @@ def forecast(model, profile, cfg, space: SearchSpace | None = None, seeds: dict 
     # the sequential seed samples nothing: it is the baseline's run (tuner.search.evaluate)
     work = {"search": [(w, per_trial) for name, w in ran_seeds if name != "sequential"]
             + [(draw, per_trial * (cfg.trials - len(ran_seeds)))],
-            "model_seed": [(seq, MODEL_SEED_SEQ_BATCHES * B)] if cfg.max_drift is not None and "segments" in cfg.modes
-            else [],
+            "model_seed": [(seq, MODEL_SEED_SEQ_BATCHES * B)] if wants_model_seed(cfg) else [],
             "baseline": [(seq, per_trial)],
             "noise_floor": [(seq, len(cfg.floor_seeds) * cfg.n / cfg.batch)],  # for the clock: n samples each
             "verification": [(seq, verify_b), (winner, verify_b)],

@@ -128,10 +128,8 @@ class SearchSpace:
     def schedule_from_params(self, params: dict, name: str = "trial", fingerprint=None) -> Schedule:
         """The schedule of `params`, carrying the profile's fitted guess for each block whose init
         is `calibrated` (a space without a profile cannot make those: see `plans_of`)."""
-        plans = self.plans_of(params)
-        fitted = {p.block for p in plans if p.init == "calibrated"}
-        guesses = {k: self.profile.guesses[k] for k in fitted} if fitted and self.profile is not None else {}
-        return Schedule(plans=plans, fingerprint=fingerprint, name=name, guesses=guesses)
+        guesses = getattr(self.profile, "guesses", None) or {}  # Schedule keeps those its plans use
+        return Schedule(plans=self.plans_of(params), fingerprint=fingerprint, name=name, guesses=guesses)
 
     def plans_of(self, params: dict) -> tuple[BlockPlan, ...]:
         """The block plans of `params`, sampling order: what decoding for a table or a figure

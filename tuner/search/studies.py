@@ -141,10 +141,7 @@ def make_study(storage, name: str, seed: int, resume: bool, config: dict, seeds:
     the study; that one stores the config and enqueues the seed schedules (`seeds`: name ->
     params), so seeds are enqueued once per study however many workers start."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, constant_liar=True)
-    try:
-        exists = name in optuna.study.get_all_study_names(storage)
-    except Exception as e:
-        raise UserError(f"cannot open Optuna storage: {_first_line(e) or type(e).__name__}") from None
+    exists = _holds_study(storage, name)
     if exists and not resume:
         raise UserError(f"study '{name}' already exists in the storage: pass --resume to add trials, "
                         "or choose another --study / --out")
@@ -168,14 +165,17 @@ def make_study(storage, name: str, seed: int, resume: bool, config: dict, seeds:
     return study
 
 
-def existing_study(storage, name: str) -> optuna.Study | None:
-    """The study `name` if the storage holds it (a --resume or a late worker), else None."""
+def _holds_study(storage, name: str) -> bool:
+    """Whether the storage holds study `name`; an unreachable storage is a one-line UserError."""
     try:
-        if name not in optuna.study.get_all_study_names(storage):
-            return None
+        return name in optuna.study.get_all_study_names(storage)
     except Exception as e:
         raise UserError(f"cannot open Optuna storage: {_first_line(e) or type(e).__name__}") from None
-    return optuna.load_study(study_name=name, storage=storage)
+
+
+def existing_study(storage, name: str) -> optuna.Study | None:
+    """The study `name` if the storage holds it (a --resume or a late worker), else None."""
+    return optuna.load_study(study_name=name, storage=storage) if _holds_study(storage, name) else None
 
 
 def keep_init_choices(study: optuna.Study, space) -> None:
