@@ -132,3 +132,22 @@ def test_verification_refuses_a_candidate_over_the_drift_limit_on_fresh_noise(wi
     assert lines[1].startswith(f"verify trial {t['sejd'].number}:") and lines[1].endswith("-> ok"), lines[1]
     assert trial.number == t["sejd"].number and sched.plans == cands[1][1].plans
     assert record["n"] == 256 and record["proxy"]["rmse_max"] <= MAX_DRIFT and record["gap"] <= TOLERANCE
+
+
+def test_the_refinement_screen_holds_samples_to_a_margin_under_the_drift_limit(evaluator):
+    """A schedule whose worst fresh sample sits between SCREEN_MARGIN x the limit and the limit
+    passes a full check and fails the screen, whose refusal names the margin; the two keep
+    separate records. The limit is set from LOOSE's own measured worst drift on 32 fresh samples."""
+    from tuner.search.fresh import SCREEN_MARGIN, FreshCheck
+
+    ev = evaluator(255.0)
+    sched = builtin_schedule(LOOSE, ev.model)
+    worst = FreshCheck(ev, ev.cfg, ev.ext, ev.ref, n=32).check(sched)["proxy"]["rmse_max"]
+    assert 0 < worst < 255
+    ev = evaluator(worst / ((1 + SCREEN_MARGIN) / 2))  # that sample: over margin x limit, under the limit
+    full = FreshCheck(ev, ev.cfg, ev.ext, ev.ref, n=32)
+    screen = FreshCheck(ev, ev.cfg, ev.ext, ev.ref, n=32, margin=SCREEN_MARGIN)
+    assert "drifts" not in full.check(sched)["why"]
+    refused = screen.check(sched)
+    assert not refused["ok"] and refused["why"].endswith(f"> {SCREEN_MARGIN:g} x {ev.cfg.max_drift:g} (screen) on a sample")
+    assert full.key(3) != screen.key(3)

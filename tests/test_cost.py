@@ -163,3 +163,20 @@ def test_plan_refuses_what_tune_would_refuse(model):
     with pytest.raises(UserError) as e:
         plan(model, n=30, batch=16)
     assert "n,batch" in e.value.setting
+
+
+def test_the_forecast_counts_the_screen_and_the_fallbacks_of_verification(model):
+    """The committed default tune (studies/mnist/tune_default) announced ~13,888 verification
+    passes and spent 23,259: the refinement's screen (its own sequential run and a check per
+    step) and the candidates refused on the fresh noise were not forecast. The forecast from its
+    own profile and options now counts them and lands within a quarter of what was spent."""
+    from tuner.search.plan import forecast
+
+    folder = ROOT / "studies" / "mnist" / "tune_default"
+    summary = StudySummary.load(folder / "summary.json")
+    opts = json.loads((folder / "summary.json").read_text())["config"]
+    cfg = TuneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()})
+    spent = summary.cost.stages["verification"].passes
+    assert summary.cost.estimate["verification"].passes < 0.65 * spent  # what it said then
+    said = forecast(model, Profile.load(folder / "profile"), cfg).stages["verification"].passes
+    assert 0.75 * spent <= said <= 1.25 * spent, (said, spent)

@@ -195,3 +195,20 @@ def test_a_passes_study_leads_with_its_objective_and_drift(tmp_path):
     assert "serial transformer passes per batch of 16" in html and f"{prov['passes_per_batch']:.3g}" in html
     assert "drift vs sequential, re-verified" in html and f"{prov['fid_verify']['proxy']['rmse_max']:.3g}/255 max" in html
     assert "objective: serial transformer passes per batch" in html
+
+
+def test_the_profile_table_shows_every_guess_the_profile_scored(report, tmp_path):
+    """The default tune's profile fitted the calibrated guess: its IGM and passes to 1e-3 are in
+    the table and the IGM figure; a profile without it (the committed older study) has no such
+    column."""
+    import pandas as pd
+
+    d = tmp_path / "tune_default"
+    shutil.copytree(ROOT / "studies" / "mnist" / "tune_default", d, ignore=shutil.ignore_patterns("report.html"))
+    page = write_report(d, d / "report.html").read_text()
+    prof = pd.read_csv(d / "profile" / "profile.csv")
+    assert "<th>IGM calibrated</th>" in page and "(zeros / z / calibrated)" in page
+    for v in prof.igm_calibrated:
+        assert f"<td>{v:.3g}</td>" in page
+    assert "IGM, init=calibrated" in page
+    assert "IGM calibrated" not in report[1] and "IGM z" in report[1]

@@ -5,7 +5,7 @@ search_figures."""
 from __future__ import annotations
 
 from .html import PALETTE, fig_html, note
-from .study import StudyFolder
+from .study import StudyFolder, profile_inits
 
 
 def profile_bars(st: StudyFolder) -> str:
@@ -21,12 +21,10 @@ def profile_bars(st: StudyFolder) -> str:
     fig.add_trace(go.Bar(x=labels, y=prof.crm_share, name="CRM share (%)", marker_color="#4c72b0",
                          text=[f"{v:.1f}%" for v in prof.crm_share], textposition="outside",
                          hovertemplate="%{x}<br>CRM share %{y:.1f}%<extra></extra>"), 1, 1)
-    for i, init in enumerate(("zeros", "z")):
+    for i, init in enumerate(profile_inits(prof)):
         col = f"igm_{init}"
-        if col in prof:
-            fig.add_trace(go.Bar(x=labels, y=prof[col], name=f"IGM, init={init}",
-                                 marker_color=PALETTE[1 + i],
-                                 hovertemplate=f"%{{x}}<br>IGM init={init}: %{{y:.3g}}<extra></extra>"), 1, 2)
+        fig.add_trace(go.Bar(x=labels, y=prof[col], name=f"IGM, init={init}", marker_color=PALETTE[1 + i],
+                             hovertemplate=f"%{{x}}<br>IGM init={init}: %{{y:.3g}}<extra></extra>"), 1, 2)
     fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.25, x=0.55),
                       title=dict(text=f"Per-block difficulty on {st.profile.meta.get('n', '?')} calibration "
                                       f"images — forward block index; sampling runs block {B - 1} first (step 0)",

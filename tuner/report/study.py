@@ -133,3 +133,9 @@ def display_path(p) -> str:
         except ValueError:
             pass
     return p.name  # never leak a machine's absolute layout into a shared report
+
+
+def profile_inits(prof) -> list[str]:
+    """The initial guesses a profile scored (its igm_<init> columns), in the profile's order: the
+    calibrated guess is there only where the profile fitted one."""
+    return [c.removeprefix("igm_") for c in prof.columns if c.startswith("igm_")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tuner.search.accounting import STAGE_TITLES, fmt_count
 
 from .html import _seed_name, _truthy, completed, esc, fid_tag, ms, note, num, table, trial_state
-from .study import StudyFolder
+from .study import StudyFolder, profile_inits
 
 SEED_ORDER = ("sequential", "jacobi", "jacobi1", "paper", "sejd", "model")
 SEED_TITLES = {"sequential": "sequential (exact reference)", "jacobi": "uniform Jacobi",
@@ -199,16 +199,17 @@ def top_trials_table(st: StudyFolder, chosen: int | None, k: int = 12) -> str:
 
 def profile_table(st: StudyFolder) -> str:
     prof = st.profile.blocks.sort_values("block")
-    rows = []
+    inits, rows = profile_inits(prof), []
     for r in prof.to_dict("records"):
         k = int(r["block"])
-        need = {init: st.profile.iters_needed(k, 1, init, 1e-3) for init in ("zeros", "z")}
+        need = [st.profile.iters_needed(k, 1, init, 1e-3) for init in inits]
         rows.append([str(k), str(int(r["sampling_step"])), num(r.get("crm"), ".3g"), num(r.get("crm_share"), ".1f"),
-                     num(r.get("igm_zeros"), ".3g"), num(r.get("igm_z"), ".3g"), esc(r.get("best_init", "")),
-                     f"{need['zeros']} / {need['z']}"])
-    return table(["forward block", "sampling step", "CRM", "CRM share (%)", "IGM zeros", "IGM z", "best init",
-                  "passes to 1e-3, one segment (zeros / z)"], rows, cls="compare",
-                 caption="Rows in <b>forward</b> block order; sampling step 0 runs first.")
+                     *(num(r.get(f"igm_{i}"), ".3g") for i in inits), esc(r.get("best_init", "")),
+                     " / ".join(str(x) for x in need)])
+    return table(["forward block", "sampling step", "CRM", "CRM share (%)", *(f"IGM {esc(i)}" for i in inits),
+                  "best init", f"passes to 1e-3, one segment ({' / '.join(map(esc, inits))})"], rows, cls="compare",
+                 caption="Rows in <b>forward</b> block order; sampling step 0 runs first. Best init: the "
+                         "lowest IGM among the guesses that need no fitted numbers.")
 
 
 def cost_table(st: StudyFolder) -> str:

@@ -10,8 +10,8 @@ from tarflow.settings import SamplingSettings
 
 MIN_DRIFT_VERIFY_N = 256  # a per-sample limit is re-checked on at least this many fresh samples
 VERIFY_CANDIDATES = 10  # feasible trials the final verification tries, best first, until one holds: the
-# refinement screens its steps on a quarter of the verification noise, so its last steps may drift past
-# the limit on all of it (a failing check stops at the first batch over the limit: cheap)
+# refinement screens its steps on a quarter of the verification noise (tuner.search.fresh), so its last
+# steps may drift past the limit on all of it (a failing check stops at the first batch over the limit)
 REFINE_TRIALS = 12  # at most this many of --trials (and at most a third) bisect the best schedule's
 # per-block tolerances (tuner.search.refine): one trial per step, about 3 steps per block
 
@@ -66,6 +66,17 @@ class TuneConfig:
         from tuner.search.objectives import parse_objective
 
         return parse_objective(self.objective)
+
+    @property
+    def refine_trials(self) -> int:
+        """Trials the refinement may use: the last third of --trials, at most REFINE_TRIALS."""
+        return min(REFINE_TRIALS, self.trials // 3)
+
+    @property
+    def screen_n(self) -> int:
+        """Fresh samples the refinement screens a step on: a quarter of verify_n, at least the
+        MIN_DRIFT_VERIFY_N a drift limit asks for (verify_n itself when that is no fewer)."""
+        return min(self.verify_n, max(MIN_DRIFT_VERIFY_N, self.verify_n // 4))
 
     @property
     def cost_model(self):

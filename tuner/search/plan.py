@@ -13,8 +13,10 @@ tuner.search.accounting (serial passes, tokens, sequential-batch equivalents):
   trial that breaks the drift limit stops early, so this leans high), bounded by every trial
   running token by token;
 * the baseline (n / batch sequential batches), the noise floor (one sequential batch of n per
-  floor seed), the verification (sequential and the likely winner, the cheapest seed, at
-  verify_n) and the re-timing (a warm-up and --retime-rounds rounds of up to 4 batches of the winner and of
+  floor seed), the verification and the re-timing. Verification: the sequential sampler on the
+  fresh noise (verify_n samples, and the refinement's screen of cfg.screen_n), every refinement
+  step screened in full, and VERIFY_FULL_CHECKS full checks (the likely winner, the cheapest
+  seed, stands in for each schedule); the re-timing (a warm-up and --retime-rounds rounds of up to 4 batches of the winner and of
   every seed).
 
 Minutes need a clock: a device profile (`--objective cost:`) prices every pass by its width on
@@ -41,6 +43,10 @@ DRAWS = 64  # random draws from the search space a non-seed trial's work is aver
 # the model seed's drift calibration (tuner.search.drift_model), in sequential batches per block: it
 # cost 10.9 on the bundled model and 9.9 on the patch-2 model (4 blocks each); its grid adapts, so a guess
 MODEL_SEED_SEQ_BATCHES = 3
+# full verify_n checks the final verification samples: on the default tune before the screen's margin,
+# the four screened steps it tried first stopped after 1,616 fresh samples between them, then the winner
+# took all 1,024 (2.6 checks' worth); at n = 512, 3.2
+VERIFY_FULL_CHECKS = 2
 RETIME_BATCHES = 4  # remeasure: a warm-up batch, then --retime-rounds rounds of (at most) 4 per schedule
 
 
@@ -203,7 +209,8 @@ def forecast(model, profile, cfg, space: SearchSpace | None = None, seeds: dict 
     seed_work = {name: est.schedule(s) for name, s in seeds.items()}
     draw = est.space(space) if cfg.trials > len(seeds) else seq
     winner = min((w for name, w in seed_work.items() if name != "sequential"), key=lambda w: w.passes, default=seq)
-    per_trial, verify_b = cfg.n // cfg.batch, -(-cfg.verify_n // cfg.batch)
+    per_trial, verify_b, screen_b = cfg.n // cfg.batch, -(-cfg.verify_n // cfg.batch), -(-cfg.screen_n // cfg.batch)
+    screen = [(seq, screen_b), (winner, screen_b * cfg.refine_trials)] if screen_b < verify_b and cfg.refine_trials else []
     ran_seeds = list(seed_work.items())[:cfg.trials]
     # the sequential seed samples nothing: it is the baseline's run (tuner.search.evaluate)
     work = {"search": [(w, per_trial) for name, w in ran_seeds if name != "sequential"]
@@ -211,7 +218,7 @@ def forecast(model, profile, cfg, space: SearchSpace | None = None, seeds: dict 
             "model_seed": [(seq, MODEL_SEED_SEQ_BATCHES * B)] if wants_model_seed(cfg) else [],
             "baseline": [(seq, per_trial)],
             "noise_floor": [(seq, len(cfg.floor_seeds) * cfg.n / cfg.batch)],  # for the clock: n samples each
-            "verification": [(seq, verify_b), (winner, verify_b)],
+            "verification": [(seq, verify_b), (winner, VERIFY_FULL_CHECKS * verify_b), *screen],
             "retiming": [(w, 1 + cfg.retime_rounds * min(RETIME_BATCHES, per_trial)) for w in [winner, *seed_work.values()]]}
     stages = {k: _spent(rows) for k, rows in work.items()}
     stages["noise_floor"] = _spent([(seq, len(cfg.floor_seeds))])  # as counted: one batch of n per seed

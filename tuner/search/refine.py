@@ -34,7 +34,7 @@ def refine(study, space: SearchSpace, n: int, run, fresh=None) -> int:
     record yet) and `fresh.known(trial) -> bool | None` (the record only); None: the search
     samples decide alone. Returns the number of trials it ran. It leaves the study alone while
     enqueued trials wait (seeds not yet run: the next trial would be one of them, not its own)."""
-    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    if n <= 0 or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return 0
     base = _base(study, fresh)
     if base is None:

@@ -29,7 +29,7 @@ from tuner.measure.timing import device_info
 from tuner.quality.extractors import get_extractor
 from tuner.quality.fid import RefStats, default_ref_path, reference_stats
 from tuner.quality.floor import noise_floor, tolerance_check
-from tuner.search.config import REFINE_TRIALS, VERIFY_CANDIDATES, TuneConfig
+from tuner.search.config import VERIFY_CANDIDATES, TuneConfig
 from tuner.search.drift_model import add_model_seed, with_prediction
 from tuner.search.evaluate import Evaluator
 from tuner.search.fresh import FreshCheck
@@ -132,7 +132,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
 
 def run_trials(study, ev: Evaluator, cfg: TuneConfig, progress=None, log=print, fresh=None) -> None:
     """Run trials until the study holds cfg.trials (its total over --resume and workers): TPE
-    first, then the last third (at most REFINE_TRIALS) bisects the best schedule's per-block
+    first, then the last third (cfg.refine_trials) bisects the best schedule's per-block
     tolerances (tuner.search.refine), each candidate checked on `fresh` (a FreshCheck) too. A run
     cut short because another worker failed our trial after a storage outage (run_optimize) is
     simply continued."""
@@ -155,7 +155,7 @@ def run_trials(study, ev: Evaluator, cfg: TuneConfig, progress=None, log=print, 
     def missing() -> int:
         return max(0, cfg.trials - len(counted_trials(study)))
 
-    reserve = min(REFINE_TRIALS, cfg.trials // 3)  # one bisection step per trial, ~3 per block
+    reserve = cfg.refine_trials  # one bisection step per trial, ~3 per block
     while run(missing() - reserve):
         pass
     used = refine(study, ev.space, min(reserve, missing()), run, fresh)
