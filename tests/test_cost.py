@@ -180,3 +180,33 @@ def test_the_forecast_counts_the_screen_and_the_fallbacks_of_verification(model)
     assert summary.cost.estimate["verification"].passes < 0.65 * spent  # what it said then
     said = forecast(model, Profile.load(folder / "profile"), cfg).stages["verification"].passes
     assert 0.75 * spent <= said <= 1.25 * spent, (said, spent)
+
+
+@pytest.mark.parametrize("objective", ["passes", "latency"])
+def test_a_trial_much_slower_than_the_best_stops_after_its_first_batch_where_the_objective_is_counted(
+        model, objective):
+    """One-segment Jacobi at tol 1e-2 (about 37 passes per batch) runs first and is feasible; SeJD
+    (its first block token by token: about 62) then costs more than SLOW_PRUNE x that on its first
+    batch. Counted in passes it is stopped there, with its reason, having paid for one batch; by
+    measured latency (a timed warm-up says nothing) it runs to the end."""
+    from tuner.search.evaluate import SLOW_PRUNE
+
+    ext = get_extractor("mnist-cnn")
+    cfg = TuneConfig(n=48, batch=16, verify_n=256, max_drift=2.0, objective=objective, modes=("segments",))
+    ev = evaluate.Evaluator(model, Profile.load(PASSES_STUDY / "profile"), cfg, "cpu",
+                            RefStats.load(default_ref_path(ext.name)), ext)
+    ev.prepare()
+    study = optuna.create_study(direction="minimize")
+    for spec in ("jacobi:segments=1,tol=1e-2", "sejd:tol=0.03"):
+        study.enqueue_trial(ev.space.params_of(builtin_schedule(spec, model)))
+    study.optimize(ev, n_trials=2)
+    fast, slow = study.trials
+    assert fast.state == optuna.trial.TrialState.COMPLETE and fast.constraints["drift"] <= 0
+    if objective == "passes":
+        assert slow.state == optuna.trial.TrialState.PRUNED and slow.user_attrs[TRIAL_ATTR]["batches"] == 1
+        first = slow.user_attrs[TRIAL_ATTR]["passes"]
+        assert first > SLOW_PRUNE * fast.value
+        assert slow.user_attrs["fail_reason"] == (f"pruned: slow: {first} passes on the first batch > "
+                                                  f"{SLOW_PRUNE:g} x the best feasible trial's {fast.value:g} passes")
+    else:
+        assert slow.state == optuna.trial.TrialState.COMPLETE and slow.user_attrs[TRIAL_ATTR]["batches"] == 3

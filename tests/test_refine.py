@@ -33,13 +33,19 @@ class Budgets:
 
 def test_per_block_tolerances_round_trip_between_params_and_schedules():
     space = SearchSpace(B=4, T=49, profile=Budgets(), modes=("segments", "frontier"))
-    plans = (BlockPlan(3, 1, 11, "zeros", 0.0562), BlockPlan(2, 2, 8, "z", 0.0),
+    plans = (BlockPlan(3, 1, 49, "zeros", 0.0562), BlockPlan(2, 2, 8, "z", 0.0),
              BlockPlan(1, 1, 49, "zeros", 3.16, mode="frontier", window=16), BlockPlan(0, 49, 1))
     params = space.params_of(Schedule(plans=plans))
     assert "tol" not in params and "b0_log_tol" not in params  # token by token: no tolerance
     assert params["b2_log_tol"] == LOG_TOL_RANGE[0] < EXACT_BELOW  # exact: the bottom band
     assert params["b3_log_tol"] == pytest.approx(math.log10(0.0562))
+    # a budget only where the tolerance is exact: a segment stopped by one runs up to its length
+    assert params["b2_iters_s2"] == 8 and "b3_iters_s1" not in params
     assert space.schedule_from_params(params).plans == plans
+    capped = space.params_of(Schedule(plans=(BlockPlan(3, 1, 11, "zeros", 0.0562), *plans[1:])))
+    assert space.schedule_from_params(capped).plans == plans
+    # an older study's budget with a tolerance still decodes as it ran
+    assert space.plans_of(params | {"b3_iters_s1": 11})[0] == BlockPlan(3, 1, 11, "zeros", 0.0562)
     # any value in the range decodes to a plan, and the plan's tolerance encodes back to itself
     for x in np.linspace(*LOG_TOL_RANGE, 23):
         tol = SearchSpace.tol_of(x)
@@ -48,6 +54,11 @@ def test_per_block_tolerances_round_trip_between_params_and_schedules():
     # moving one block keeps the others
     moved = space.with_log_tol(params, 3, -1.0)
     assert [p.tol for p in space.schedule_from_params(moved).plans] == [0.1, 0.0, 3.16, 0.0]
+    # an exact block moved to a tolerance loses its budget; moved back to exact it gets one again
+    loose = space.with_log_tol(params, 2, -2.0)
+    assert "b2_iters_s2" not in loose and space.plans_of(loose)[1] == BlockPlan(2, 2, 25, "z", 0.01)
+    assert space.plans_of(space.with_log_tol(loose, 2, LOG_TOL_RANGE[0]))[1] == BlockPlan(2, 2, 25, "z", 0.0)
+    assert space.plans_of(space.with_log_tol(params, 2, -4.9))[1] == plans[1]  # still exact: budget kept
 
 
 def test_studies_with_the_old_shared_tol_still_decode():

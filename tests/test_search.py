@@ -87,22 +87,27 @@ def test_sample_runs_the_tuned_schedule_and_warns_on_other_batch(study, tmp_path
     assert json.loads(str(np.load(tmp_path / "s2.npz")["sampling"]))["guidance"] == 0.0
 
 
-def test_a_trial_over_a_limit_is_infeasible_and_the_export_is_within_both(study):
-    """The shared study's constraints bind: the `jacobi` seed (measured: FID gap 52, a sample
-    42/255 off) is over both limits, so its drift constraint is > 0 and it is not chosen; every
-    feasible trial, and the chosen one, is within both."""
+def test_every_trial_is_judged_by_both_limits_and_the_export_is_within_both(study):
+    """The shared study's constraints are what they measured: every completed trial's drift and
+    FID-gap constraints are its measurements minus the limits, a trial stopped early is never
+    feasible (its reason says why), and every feasible trial, the chosen one too, is within both.
+    (Trials over a limit, stopped or not: tests/test_constraints.py.)"""
     out, _ = study
     st = optuna.load_study(study_name="tarflow-tune", storage=f"sqlite:///{out / 'study.db'}")
+    for t in st.trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert t.constraints["fid_gap"] == pytest.approx(t.user_attrs["fid_gap"] - TINY_TOLERANCE)
+            assert t.constraints["drift"] == pytest.approx(t.user_attrs["proxy"]["rmse_max"] - TINY_MAX_DRIFT)
+        elif t.state == optuna.trial.TrialState.PRUNED:
+            assert t.user_attrs["fail_reason"].startswith("pruned: ") and not is_feasible(t)
+    # the `jacobi` seed, 4 segments run to tol 1e-3: 122 passes on its first batch, 3.8x the model
+    # seed's 32, so it is stopped as slow
     jac = next(t for t in st.trials if t.user_attrs.get("seed") == "jacobi")
-    assert jac.constraints["drift"] > 10 and not is_feasible(jac)
-    if "fid_gap" in jac.constraints:  # measured when the trial ran to the end (not stopped on drift)
-        assert jac.constraints["fid_gap"] == pytest.approx(jac.user_attrs["fid_gap"] - TINY_TOLERANCE)
-        assert jac.constraints["fid_gap"] > 10
+    assert jac.user_attrs["fail_reason"].startswith("pruned: slow: ")
     feasible = feasible_trials(st)
     assert feasible and jac not in feasible
     for t in feasible:
         assert t.user_attrs["fid_gap"] <= TINY_TOLERANCE and t.user_attrs["proxy"]["rmse_max"] <= TINY_MAX_DRIFT
-        assert t.constraints["drift"] == pytest.approx(t.user_attrs["proxy"]["rmse_max"] - TINY_MAX_DRIFT)
     chosen = Schedule.load(out / "schedule.json").provenance["trial"]
     assert chosen in [t.number for t in feasible]
     table = pd.read_csv(out / "trials.csv")

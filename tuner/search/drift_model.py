@@ -215,7 +215,7 @@ def wants_model_seed(cfg) -> bool:
 def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver,
                spent: Spent | None = None) -> tuple[Schedule, dict] | None:
     """The `model` seed and its prediction: one Jacobi segment per block from the profile's best
-    initial guess and the search range's budget, each block's tolerance allocated by the drift
+    initial guess, run to its tolerance (no budget below T), each block's tolerance allocated by the drift
     model for cfg.max_drift / TAIL_MARGIN (the search's n samples and the verification noise
     have a heavier tail than one calibration batch: on the bundled model their worst sample
     drifted 1.1-2.4x, on fresh noise up to 6.7x, what the model predicted for the batch).
@@ -230,7 +230,8 @@ def model_seed(model, profile, space: SearchSpace, cfg, solvers=BlockSolver,
     labels = cfg.sampling.make_labels(cfg.n, model, cfg.seed)
     cal = Calibration(model, noise, None if labels is None else labels[:bs], cfg.sampling, solvers)
     best = dict(zip(profile.blocks.block, profile.blocks.best_init))
-    base = {k: BlockPlan(k, 1, space.iters_cap(k, 1), str(best[k])) for k in range(B - 1, -1, -1)}
+    T = model.cfg.num_patches  # no budget below the segment's length: the tolerance stops it (tuner.search.space)
+    base = {k: BlockPlan(k, 1, T, str(best[k])) for k in range(B - 1, -1, -1)}
     target = cfg.max_drift / TAIL_MARGIN
     curves = [cal.curve(p, target) for p in base.values()]
     if spent is not None:  # all the calibration samples is done: count it, whether or not an allocation fits

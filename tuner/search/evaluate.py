@@ -100,8 +100,9 @@ class Evaluator:
     def run(self, sched: Schedule, noise, labels, on_batch=None, trial_number: int = -1,
             spent: Spent | None = None) -> RunResult:
         """Sample `noise` in batches of cfg.batch; the first batch is the warm-up. After each batch
-        `on_batch(i, x)` (batch index, its samples) may stop the run by raising (a pruned trial);
-        `spent` has then counted every batch sampled (tuner.search.accounting)."""
+        `on_batch(i, x, counts)` (batch index, its samples, the RunCounts so far) may stop the run
+        by raising (a pruned trial); `spent` has then counted every batch sampled
+        (tuner.search.accounting)."""
         bs, cost = self.cfg.batch, self.cfg.cost_model
         xs, secs, passes, iters, fallbacks, modelled = [], [], 0, None, 0, 0.0
         for i in range(0, len(noise), bs):
@@ -117,7 +118,8 @@ class Evaluator:
                 modelled += cost.cost(st.calls, st.blocks)
             iters = iters or st.iters
             if on_batch is not None:
-                on_batch(i // bs, xs[-1])
+                done = i // bs + 1
+                on_batch(i // bs, xs[-1], RunCounts(done, passes, None, modelled / done if cost is not None else None))
                 if i == 0:
                     crashpoint("sampling", trial_number)
             if i > 0 or len(noise) <= bs:
@@ -144,12 +146,14 @@ class Evaluator:
         return self.baseline
 
     def evaluate(self, sched: Schedule, screen=None, trial_number: int = -1, spent: Spent | None = None) -> TrialResult:
-        """One schedule on the search noise. `screen(i, rmse, nonfinite)` sees each batch's
+        """One schedule on the search noise. `screen(i, rmse, nonfinite, value)` sees each batch's
         per-sample drift against the sequential samples from the same noise (pixel RMSE 0-255,
-        non-finite flags) and may stop the run by raising; `spent` counts what was sampled."""
+        non-finite flags) and the objective's value so far (None where it is measured: a timed
+        warm-up says nothing), and may stop the run by raising; `spent` counts what was sampled."""
         base, bs = self.baseline, self.cfg.batch
+        value = (lambda counts: None) if self.goal.measured else self.goal.value
         check = None if screen is None else (
-            lambda i, xb: screen(i, *pixel_drift(xb, base.x[i * bs:i * bs + len(xb)])))
+            lambda i, xb, counts: screen(i, *pixel_drift(xb, base.x[i * bs:i * bs + len(xb)]), value(counts)))
         if sched.is_sequential(self.T) and base.run is not None:
             # every block token by token is the sequential sampler, which the baseline ran on this
             # very noise: its samples, features and counts are this trial's (nothing sampled again;
@@ -165,7 +169,8 @@ class Evaluator:
         sched = self.space.suggest(trial, f"trial-{trial.number}", self.model.fingerprint)
         spent, t0 = Spent(), time.perf_counter()
         try:
-            r = self.evaluate(sched, Screen(trial, self.cfg, len(self.baseline.noise)), trial.number, spent)
+            screen = Screen(trial, self.cfg, len(self.baseline.noise), _best_value(trial))
+            r = self.evaluate(sched, screen, trial.number, spent)
         except (optuna.TrialPruned, Exception):
             _record_spent(trial, spent, t0)  # stopped part-way, it still paid for what it sampled
             raise
@@ -182,9 +187,20 @@ class Evaluator:
         return r.value
 
 
+def _best_value(trial: optuna.Trial) -> float | None:
+    """The objective value of the study's best feasible trial so far (None: none yet)."""
+    from tuner.search.studies import feasible_trials
+
+    best = feasible_trials(trial.study)
+    return best[0].value if best else None
+
+
 def _record_spent(trial: optuna.Trial, spent: Spent, t0: float) -> None:
     spent.seconds = time.perf_counter() - t0
     trial.set_user_attr(TRIAL_ATTR, spent.record())
+
+
+SLOW_PRUNE = 1.5  # a first batch costing more than this x the best feasible trial stops the trial (`Screen`)
 
 
 class Screen:
@@ -199,6 +215,13 @@ class Screen:
       infeasible, and no feasible one. The drift constraint is set to the violation seen so far (a
       lower bound of the final one), so TPE counts the trial infeasible, as it would have.
 
+    * First batch, where the objective is counted rather than timed (passes, cost): its value
+      above SLOW_PRUNE x the best feasible trial's so far. A heuristic too, but a safe one: such
+      a trial would need its later batches far cheaper than its first to win, and per-batch
+      passes of a tolerance-stopped schedule vary by less (the patch-2 model's hardest fresh
+      batch cost 1.26x a typical one). On the patch-2 tune it stopped the paper, SeJD and
+      frontier seeds and a 321-pass draw, a third of the search's passes.
+
     There is no such stop for the FID constraint. FID at n is a function of the mean and
     covariance of all n samples' features; the batches still to come can move both anywhere
     (towards the reference as well as away), so the FID of a part bounds the final FID neither
@@ -207,11 +230,11 @@ class Screen:
     feasible trials; the per-sample drift, which is a max, is what can be screened exactly.
     """
 
-    def __init__(self, trial: optuna.Trial, cfg: TuneConfig, n: int):
-        self.trial, self.cfg, self.batches = trial, cfg, -(-n // cfg.batch)
+    def __init__(self, trial: optuna.Trial, cfg: TuneConfig, n: int, best: float | None = None):
+        self.trial, self.cfg, self.batches, self.best = trial, cfg, -(-n // cfg.batch), best
         self.worst, self.seen = 0.0, []
 
-    def __call__(self, i: int, rmse, nonfinite) -> None:
+    def __call__(self, i: int, rmse, nonfinite, value: float | None = None) -> None:
         cfg, trial = self.cfg, self.trial
         self.worst = max(self.worst, float(rmse.max()))
         self.seen.append((rmse, nonfinite))
@@ -225,6 +248,10 @@ class Screen:
         if cfg.max_drift is not None and self.worst > cfg.max_drift:
             self.stop(f"drift {self.worst:.3g}/255 > limit {cfg.max_drift:g} on a sample of batch {i + 1} of "
                       f"{self.batches}: stopped early (more batches can only raise the max)")
+        if i == 0 and value is not None and self.best is not None and value > SLOW_PRUNE * self.best:
+            goal = cfg.goal
+            self.stop(f"slow: {goal.format(value)} on the first batch > {SLOW_PRUNE:g} x the best feasible "
+                      f"trial's {goal.format(self.best)}")
 
     def stop(self, why: str) -> None:
         """Prune: the paired proxy of the samples drawn so far is kept (its `n` says how many;

@@ -4,8 +4,8 @@ Parameter names are stable (committed studies decode with them): per forward blo
 `b{k}_mode` (segments | frontier; absent = segments, as in studies made before frontier mode),
 `b{k}_init`, `b{k}_log_tol` (the block's early-stop tolerance as log10, continuous; below
 EXACT_BELOW it means 0, exact: absent for a sequential block, which has no tolerance), for
-segments `b{k}_segments`, `b{k}_anderson` and `b{k}_iters_s{S}` (the pass budget; its range
-depends on the segment count S, hence one name per S), for frontier `b{k}_window` (its pass
+segments `b{k}_segments`, `b{k}_anderson` and, where the tolerance is exact, `b{k}_iters_s{S}`
+(the pass budget; its range depends on the segment count S, hence one name per S), for frontier `b{k}_window` (its pass
 bound is T: the tolerance decides when a block is done). Studies made before per-block
 tolerances hold one categorical `tol` shared by all blocks instead; it still decodes (a per-block
 value wins where both exist). The search suggests through `suggest`, seeds enter through
@@ -17,6 +17,16 @@ Why per block and continuous: the tolerance a block can afford differs by block 
 blocks' drift stays far below the tough block's at the same tolerance), and a categorical grid
 with steps x3 apart let the last refinement jump from feasible to infeasible with nothing in
 between (patch-2 model: 3e-2 held 0.42/255, 1e-1 drifted 3.75/255 on fresh noise).
+
+Why a segment stopped by a tolerance has no budget below its length: the tolerance is checked on
+the whole batch, so a batch holding a hard sample keeps iterating until that sample has
+converged; a budget cuts it off there instead. On the patch-2 model one fresh sample in 1,024
+needed 61 passes in the tough block at tol 1e-2 where the calibration set needed 44; every
+candidate with the old budget (the profile's need at 1e-4, + 1: 45) left it 20.8/255 off, and the
+tune exported nothing. Without the budget that batch took 77 passes instead of 61 and the sample
+0.03/255. A budget saves passes only by leaving samples unconverged, which is what a drift limit
+forbids, so it is searched only where nothing else stops a segment (an exact tolerance). Studies
+made before this hold a budget for every segment; it still decodes.
 """
 
 from __future__ import annotations
@@ -60,7 +70,8 @@ class SearchSpace:
         return INIT_CHOICES + (("calibrated",) if fitted else ())
 
     def iters_cap(self, k: int, S: int) -> int:
-        """Budget range top: what the measured curves needed to reach 1e-4 (+1), at most L."""
+        """Budget range top of an exact segment: what the measured curves needed to reach 1e-4
+        (+1), at most L."""
         L = -(-self.T // S)
         need = max(self.profile.iters_needed(k, S, init, 1e-4) for init in self.inits)
         return max(1, min(L, need + 1))
@@ -77,9 +88,11 @@ class SearchSpace:
                 S = trial.suggest_categorical(f"b{k}_segments", self.segment_choices)
                 params[f"b{k}_segments"] = S
                 params[f"b{k}_anderson"] = trial.suggest_categorical(f"b{k}_anderson", ANDERSON_CHOICES)
-                params[f"b{k}_iters_s{S}"] = trial.suggest_int(f"b{k}_iters_s{S}", 1, self.iters_cap(k, S))
-                if S == self.T:
-                    continue  # token by token: no tolerance
+                if S < self.T:  # token by token has no tolerance, and a budget of 1
+                    params[f"b{k}_log_tol"] = trial.suggest_float(f"b{k}_log_tol", *LOG_TOL_RANGE)
+                if S == self.T or params[f"b{k}_log_tol"] < EXACT_BELOW:  # only then a budget stops it
+                    params[f"b{k}_iters_s{S}"] = trial.suggest_int(f"b{k}_iters_s{S}", 1, self.iters_cap(k, S))
+                continue
             params[f"b{k}_log_tol"] = trial.suggest_float(f"b{k}_log_tol", *LOG_TOL_RANGE)
         return self.schedule_from_params(params, name, fingerprint)
 
@@ -104,12 +117,19 @@ class SearchSpace:
 
     def with_log_tol(self, params: dict, k: int, log_tol: float) -> dict:
         """`params` with block k's tolerance moved to `log_tol`, every other block's kept (an older
-        study's shared `tol` becomes one value per block)."""
+        study's shared `tol` becomes one value per block). Moved to a tolerance, block k's
+        segments lose their budget (they run to the tolerance); moved to exact, they keep it."""
         plans = self.plans_of(params)
         out = {key: v for key, v in params.items() if key != "tol" and not key.endswith("_log_tol")}
         for p in plans:
             if p.mode == "frontier" or p.segments < self.T:
                 out[f"b{p.block}_log_tol"] = self.log_tol_of(params, p.block)
+        p = next(p for p in plans if p.block == k)
+        if p.mode != "frontier" and p.segments < self.T:  # a budget only where the tolerance is exact
+            key = f"b{k}_iters_s{p.segments}"
+            out.pop(key, None)
+            if log_tol < EXACT_BELOW:
+                out[key] = params.get(key, p.max_iters)
         return out | {f"b{k}_log_tol": float(log_tol)}
 
     def _tol(self, params: dict, k: int) -> float:
@@ -141,7 +161,8 @@ class SearchSpace:
                 plans.append(BlockPlan(k, 1, self.T, init, tol, mode="frontier", window=int(params[f"b{k}_window"])))
                 continue
             S = int(params[f"b{k}_segments"])
-            plans.append(BlockPlan(k, S, int(params[f"b{k}_iters_s{S}"]), init, tol,
+            budget = params.get(f"b{k}_iters_s{S}", -(-self.T // S))  # none: the segment's length
+            plans.append(BlockPlan(k, S, int(budget), init, tol,
                                    anderson=int(params.get(f"b{k}_anderson", 0))))
         return tuple(plans)
 
@@ -162,9 +183,10 @@ class SearchSpace:
                 self.segment_choices, key=lambda s: abs(s - p.segments))
             params[f"b{p.block}_segments"] = S
             params[f"b{p.block}_anderson"] = min(ANDERSON_CHOICES, key=lambda m: abs(m - p.anderson))
-            params[f"b{p.block}_iters_s{S}"] = min(p.max_iters, self.iters_cap(p.block, S))
             if S < self.T:
                 params[f"b{p.block}_log_tol"] = self.log_tol(p.tol)
+            if S == self.T or params[f"b{p.block}_log_tol"] < EXACT_BELOW:
+                params[f"b{p.block}_iters_s{S}"] = min(p.max_iters, self.iters_cap(p.block, S))
         return params
 
     @staticmethod
