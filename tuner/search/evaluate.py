@@ -26,7 +26,7 @@ from tuner.search.accounting import TRIAL_ATTR, Spent
 from tuner.search.config import TuneConfig
 from tuner.search.objectives import RunCounts
 from tuner.search.space import SearchSpace
-from tuner.search.studies import crashpoint
+from tuner.search.studies import crashpoint, feasible_trials
 
 
 @dataclass
@@ -189,8 +189,6 @@ class Evaluator:
 
 def _best_value(trial: optuna.Trial) -> float | None:
     """The objective value of the study's best feasible trial so far (None: none yet)."""
-    from tuner.search.studies import feasible_trials
-
     best = feasible_trials(trial.study)
     return best[0].value if best else None
 
