@@ -135,20 +135,28 @@ def test_verification_refuses_a_candidate_over_the_drift_limit_on_fresh_noise(wi
     assert record["n"] == 256 and record["proxy"]["rmse_max"] <= MAX_DRIFT and record["gap"] <= TOLERANCE
 
 
-def test_the_refinement_screen_holds_samples_to_a_margin_under_the_drift_limit(evaluator):
-    """A schedule whose worst fresh sample sits between SCREEN_MARGIN x the limit and the limit
-    passes a full check and fails the screen, whose refusal names the margin; the two keep
-    separate records. The limit is set from LOOSE's own measured worst drift on 32 fresh samples."""
-    from tuner.search.fresh import SCREEN_MARGIN, FreshCheck
+def test_the_refinement_screens_on_the_batches_where_its_base_drifted_most(evaluator, with_drift_limit):
+    """The screen is the base's worst batches of the verification noise (64 samples here, 4
+    batches; 2 screened), run as the same batches: a step's per-batch worst drift there equals
+    the full check's, so a sample over the limit on the screen refuses the trial outright."""
+    import numpy as np
 
-    ev = evaluator(255.0)
-    sched = builtin_schedule(LOOSE, ev.model)
-    worst = FreshCheck(ev, ev.cfg, ev.ext, ev.ref, n=32).check(sched)["proxy"]["rmse_max"]
-    assert 0 < worst < 255
-    ev = evaluator(worst / ((1 + SCREEN_MARGIN) / 2))  # that sample: over margin x limit, under the limit
-    full = FreshCheck(ev, ev.cfg, ev.ext, ev.ref, n=32)
-    screen = FreshCheck(ev, ev.cfg, ev.ext, ev.ref, n=32, margin=SCREEN_MARGIN)
-    assert "drifts" not in full.check(sched)["why"]
-    refused = screen.check(sched)
-    assert not refused["ok"] and refused["why"].endswith(f"> {SCREEN_MARGIN:g} x {ev.cfg.max_drift:g} (screen) on a sample")
-    assert full.key(3) != screen.key(3)
+    from tuner.search.fresh import FreshCheck
+
+    _, study, t = with_drift_limit
+    ev = evaluator(255.0)  # a limit nothing reaches: every batch is sampled
+    full = FreshCheck(ev, ev.cfg, ev.ext, ev.ref, study=study, n=64)
+    base = full.of_trial(t["sejd"])
+    assert base["ok"] and len(base["batch_max"]) == 4
+    screen = full.hardest(t["sejd"], k=2)
+    assert screen.batches == sorted(int(b) for b in np.argsort(base["batch_max"])[-2:])
+    loose = full.of_trial(t["loose"])["batch_max"]
+    on_screen = screen.of_trial(t["loose"])
+    assert on_screen["ok"] and on_screen["batch_max"] == [loose[b] for b in screen.batches]
+    assert not full.refused(t["loose"])
+    limit = max(on_screen["batch_max"]) * 0.99  # now that worst sample is over the limit
+    ev = evaluator(limit)
+    tight = FreshCheck(ev, ev.cfg, ev.ext, ev.ref, study=optuna.create_study(), n=64)  # (its own records)
+    refused = tight.hardest(t["sejd"], k=2).of_trial(t["loose"])
+    assert not refused["ok"] and refused["why"].startswith("drifts") and tight.refused(t["loose"])
+    assert not tight.refused(t["sejd"])

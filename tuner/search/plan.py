@@ -14,9 +14,9 @@ tuner.search.accounting (serial passes, tokens, sequential-batch equivalents):
   running token by token;
 * the baseline (n / batch sequential batches), the noise floor (one sequential batch of n per
   floor seed), the verification and the re-timing. Verification: the sequential sampler on the
-  fresh noise (verify_n samples, and the refinement's screen of cfg.screen_n), every refinement
-  step screened in full, and VERIFY_FULL_CHECKS full checks (the likely winner, the cheapest
-  seed, stands in for each schedule); the re-timing (a warm-up and --retime-rounds rounds of up to 4 batches of the winner and of
+  fresh noise (verify_n samples), VERIFY_FULL_CHECKS full checks (the refinement's base and the
+  winner) and every refinement step screened in full (cfg.screen_n samples), the likely winner,
+  the cheapest seed, standing in for each schedule; the re-timing (a warm-up and --retime-rounds rounds of up to 4 batches of the winner and of
   every seed).
 
 Minutes need a clock: a device profile (`--objective cost:`) prices every pass by its width on
@@ -43,9 +43,8 @@ DRAWS = 64  # random draws from the search space a non-seed trial's work is aver
 # the model seed's drift calibration (tuner.search.drift_model), in sequential batches per block: it
 # cost 10.9 on the bundled model and 9.9 on the patch-2 model (4 blocks each); its grid adapts, so a guess
 MODEL_SEED_SEQ_BATCHES = 3
-# full verify_n checks the final verification samples: on the default tune before the screen's margin,
-# the four screened steps it tried first stopped after 1,616 fresh samples between them, then the winner
-# took all 1,024 (2.6 checks' worth); at n = 512, 3.2
+# full verify_n checks: the refinement's base, and the final verification's (a candidate that fails
+# stops at its first batch over the limit; one that holds samples all of it)
 VERIFY_FULL_CHECKS = 2
 RETIME_BATCHES = 4  # remeasure: a warm-up batch, then --retime-rounds rounds of (at most) 4 per schedule
 
@@ -210,7 +209,7 @@ def forecast(model, profile, cfg, space: SearchSpace | None = None, seeds: dict 
     draw = est.space(space) if cfg.trials > len(seeds) else seq
     winner = min((w for name, w in seed_work.items() if name != "sequential"), key=lambda w: w.passes, default=seq)
     per_trial, verify_b, screen_b = cfg.n // cfg.batch, -(-cfg.verify_n // cfg.batch), -(-cfg.screen_n // cfg.batch)
-    screen = [(seq, screen_b), (winner, screen_b * cfg.refine_trials)] if screen_b < verify_b and cfg.refine_trials else []
+    screen = [(winner, screen_b * cfg.refine_trials)] if screen_b < verify_b else []
     ran_seeds = list(seed_work.items())[:cfg.trials]
     # the sequential seed samples nothing: it is the baseline's run (tuner.search.evaluate)
     work = {"search": [(w, per_trial) for name, w in ran_seeds if name != "sequential"]

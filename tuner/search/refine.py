@@ -11,8 +11,10 @@ that spends the most passes first: it has the most to give), the block's log10 t
 bisected between the trial's value (holds) and the first known failure above it (a trial that
 differs only in that block's tolerance and failed; else the top of the range). Each midpoint is
 one trial of the study (counted in --trials); it holds when it is feasible on the search samples
-*and* on the verification noise (tuner.search.fresh: the drift tail is heavy, at batch 1 above
-all, so the search samples alone would walk the bisection past the real boundary). A midpoint
+*and* on the screen of the verification noise (tuner.search.fresh: the drift tail is heavy, at
+batch 1 above all, so the search samples alone would walk the bisection past the real
+boundary). The base is checked on all of the verification noise, and the screen is the quarter
+of its batches where the base drifted most (`FreshCheck.hardest`). A midpoint
 that holds becomes the new base, so later blocks are bisected on top of the earlier ones'
 gains. A block is done when its bracket is narrower than RESOLUTION.
 """
@@ -32,13 +34,15 @@ def refine(study, space: SearchSpace, n: int, run, fresh=None) -> int:
     """Bisect the tolerances of the best trial that holds, using at most `n` trials (run one with
     `run(1)`). `fresh` is the fresh-noise check: `fresh(trial) -> bool` (checks it if it has no
     record yet) and `fresh.known(trial) -> bool | None` (the record only); None: the search
-    samples decide alone. Returns the number of trials it ran. It leaves the study alone while
+    samples decide alone; with a `hardest(trial)` method (tuner.search.fresh.FreshCheck) the
+    steps are screened on the base's hardest batches. Returns the number of trials it ran. It leaves the study alone while
     enqueued trials wait (seeds not yet run: the next trial would be one of them, not its own)."""
     if n <= 0 or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return 0
     base = _base(study, fresh)
     if base is None:
         return 0
+    fresh = fresh.hardest(base) if hasattr(fresh, "hardest") else fresh
     used = 0
     for k in blocks_by_passes(base, space):
         lo = space.log_tol_of(base.params, k)

@@ -97,7 +97,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
     warn = tolerance_check(cfg.tolerance, floor)
     log(f"noise floor: FID {floor['mean']:.4g} ± {floor['std']:.3g} ({ext.id}, n={cfg.n}, "
         f"{len(floor['values'])} seeds)" + (f"\nwarning: {warn}" if warn else ""))
-    run_trials(study, ev, cfg, progress, log, screen := (fresh := FreshCheck(ev, cfg, vext, ref_v, study=study)).screening())
+    run_trials(study, ev, cfg, progress, log, fresh := FreshCheck(ev, cfg, vext, ref_v, study=study))
 
     def result() -> dict:
         """Verify and export the winner (run by one worker only, see export_once)."""
@@ -111,7 +111,7 @@ def tune(model, profile: Profile, cfg: TuneConfig, *, device, out: Path, storage
             sequential=Sequential(base.latency, base.fid, ext.id, cfg.n, base.value), noise_floor=floor,
             tolerance_warning=warn, seeds=seed_results(study, seeds))
         cands = [(t, ev.schedule_from_params(t.params, f"tuned (trial {t.number})"))
-                 for t in feasible_trials(study) if fresh.known(t) is not False and screen.known(t) is not False][:VERIFY_CANDIDATES]
+                 for t in feasible_trials(study) if not fresh.refused(t)][:VERIFY_CANDIDATES]
         # verify the fastest feasible candidates until one holds (sequential, if fastest, passes trivially); count the cost
         summary.cost = tune_cost(study, ev.B, ev.T, {"model_seed": calibrated, "baseline": base.spent, "noise_floor": floor_spent(floor)}
                                  | verify_and_export(ev, summary, cands, vext, ref_v, seeds, log, fresh), plan.stages)
