@@ -8,16 +8,17 @@ tuner.search.accounting (serial passes, tokens, sequential-batch equivalents):
   curves needed to reach the schedule's tolerance (`Profile.iters_needed`), at most its budget
   and the segment's length; a token-by-token block T - 1; a frontier block what one-segment
   Jacobi needs (measured: frontier saves tokens, not passes);
-* the search: the seed schedules first, then every other trial at the mean of 64 random draws
-  from the search space (what TPE's first trials are; it soon favours cheaper schedules, and a
-  trial that breaks the drift limit stops early, so this leans high), bounded by every trial
-  running token by token;
+* the search: the seed schedules first, then every other trial as one of 64 random draws from
+  the search space (what TPE's first trials are; it soon favours cheaper schedules, and a trial
+  that breaks the drift limit stops early, so this leans high), bounded by every trial running
+  token by token. Where the objective is counted, a schedule over SLOW_PRUNE x the cheapest
+  seed is charged one batch, as the slow stop ends it;
 * the baseline (n / batch sequential batches), the noise floor (one sequential batch of n per
   floor seed), the verification and the re-timing. Verification: the sequential sampler on the
   fresh noise (verify_n samples), VERIFY_FULL_CHECKS full checks (the refinement's base and the
   winner) and every refinement step screened in full (cfg.screen_n samples), the likely winner,
-  the cheapest seed, standing in for each schedule; the re-timing (a warm-up and --retime-rounds rounds of up to 4 batches of the winner and of
-  every seed).
+  the cheapest seed, standing in for each schedule; the re-timing (a warm-up and
+  --retime-rounds rounds of up to 4 batches of the winner and of every seed that ran to the end).
 
 Minutes need a clock: a device profile (`--objective cost:`) prices every pass by its width on
 the profiled device; here, a timed sequential batch and a timed one-segment Jacobi batch price
@@ -37,6 +38,7 @@ from tarflow.solvers import SolverChoice
 from tuner.measure.timing import timed
 from tuner.search.accounting import STAGE_TITLES, STAGES, Spent, fmt_count
 from tuner.search.drift_model import wants_model_seed
+from tuner.search.evaluate import SLOW_PRUNE
 from tuner.search.space import SearchSpace
 
 DRAWS = 64  # random draws from the search space a non-seed trial's work is averaged over
@@ -104,9 +106,9 @@ class Estimator:
             w.add_block(p.block, calls)
         return w
 
-    def space(self, space: SearchSpace, draws: int = DRAWS, seed: int = 0) -> Work:
-        """The mean work of random draws from the search space, every parameter drawn at random
-        as TPE's first trials are, through the space's own `suggest` (so it holds whatever the
+    def space(self, space: SearchSpace, draws: int = DRAWS, seed: int = 0) -> list[Work]:
+        """The work of random draws from the search space, every parameter drawn at random as
+        TPE's first trials are, through the space's own `suggest` (so it holds whatever the
         space's parameters are)."""
         import optuna
 
@@ -117,10 +119,14 @@ class Estimator:
             works = [self.schedule(space.suggest(study.ask(), "draw")) for _ in range(draws)]
         finally:
             optuna.logging.set_verbosity(verbosity)
-        w = Work()
-        for i, block in enumerate(works[0].blocks):
-            w.add_block(block, _mean_calls([x.calls[i] for x in works]))
-        return w
+        return works
+
+
+def mean_work(works: list[Work]) -> Work:
+    w = Work()
+    for i, block in enumerate(works[0].blocks):
+        w.add_block(block, _mean_calls([x.calls[i] for x in works]))
+    return w
 
 
 def _mean_calls(draws: list[dict]) -> dict:
@@ -206,19 +212,28 @@ def forecast(model, profile, cfg, space: SearchSpace | None = None, seeds: dict 
     for k in range(B - 1, -1, -1):
         seq.add_block(k, {1: T - 1})
     seed_work = {name: est.schedule(s) for name, s in seeds.items()}
-    draw = est.space(space) if cfg.trials > len(seeds) else seq
+    draws = est.space(space) if cfg.trials > len(seeds) else [seq]
+    draw = mean_work(draws)
     winner = min((w for name, w in seed_work.items() if name != "sequential"), key=lambda w: w.passes, default=seq)
     per_trial, verify_b, screen_b = cfg.n // cfg.batch, -(-cfg.verify_n // cfg.batch), -(-cfg.screen_n // cfg.batch)
+
+    def batches(w: Work) -> int:  # a trial the slow stop ends after its first batch (tuner.search.evaluate)
+        return 1 if not cfg.goal.measured and w.passes > SLOW_PRUNE * winner.passes else per_trial
+
     screen = [(winner, screen_b * cfg.refine_trials)] if screen_b < verify_b else []
     ran_seeds = list(seed_work.items())[:cfg.trials]
     # the sequential seed samples nothing: it is the baseline's run (tuner.search.evaluate)
-    work = {"search": [(w, per_trial) for name, w in ran_seeds if name != "sequential"]
-            + [(draw, per_trial * (cfg.trials - len(ran_seeds)))],
+    rest = (cfg.trials - len(ran_seeds)) / len(draws)
+    work = {"search": [(w, batches(w)) for name, w in ran_seeds if name != "sequential"]
+            + [(w, rest * batches(w)) for w in draws],
             "model_seed": [(seq, MODEL_SEED_SEQ_BATCHES * B)] if wants_model_seed(cfg) else [],
             "baseline": [(seq, per_trial)],
             "noise_floor": [(seq, len(cfg.floor_seeds) * cfg.n / cfg.batch)],  # for the clock: n samples each
             "verification": [(seq, verify_b), (winner, VERIFY_FULL_CHECKS * verify_b), *screen],
-            "retiming": [(w, 1 + cfg.retime_rounds * min(RETIME_BATCHES, per_trial)) for w in [winner, *seed_work.values()]]}
+            # the winner and the seeds that ran to the end (those the slow stop ends are not re-timed)
+            "retiming": [(w, 1 + cfg.retime_rounds * min(RETIME_BATCHES, per_trial))
+                         for name, w in [("", winner), *seed_work.items()]
+                         if name == "sequential" or batches(w) == per_trial]}
     stages = {k: _spent(rows) for k, rows in work.items()}
     stages["noise_floor"] = _spent([(seq, len(cfg.floor_seeds))])  # as counted: one batch of n per seed
     return Forecast(stages, cfg.trials, per_trial, len(ran_seeds), draw.passes,
