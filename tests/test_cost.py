@@ -165,7 +165,7 @@ def test_plan_refuses_what_tune_would_refuse(model):
     assert "n,batch" in e.value.setting
 
 
-@pytest.mark.parametrize("study", ["mnist_p2/tune_verified"])
+@pytest.mark.parametrize("study", ["mnist/tune_default", "mnist_p2/tune_verified"])
 def test_the_forecast_of_a_committed_tune_is_close_to_what_it_spent(study):
     """From the study's own profile, options and seeds, the forecast (tuner.search.plan) of each
     stage against what the tune recorded spending: the verification (its full checks of the
