@@ -10,8 +10,8 @@ from tarflow.settings import SamplingSettings
 
 MIN_DRIFT_VERIFY_N = 256  # a per-sample limit is re-checked on at least this many fresh samples
 VERIFY_CANDIDATES = 10  # feasible trials the final verification tries, best first, until one holds: the
-# refinement screens its steps on a quarter of the verification noise (tuner.search.fresh), so its last
-# steps may drift past the limit on all of it (a failing check stops at the first batch over the limit)
+# refinement screens its steps on a quarter of the verification noise's batches (tuner.search.fresh), so
+# its last steps may drift past the limit on the rest (a failing check stops at the first batch over it)
 REFINE_TRIALS = 12  # at most this many of --trials (and at most a third) bisect the best schedule's
 # per-block tolerances (tuner.search.refine): one trial per step, about 3 steps per block
 

@@ -35,8 +35,9 @@ def refine(study, space: SearchSpace, n: int, run, fresh=None) -> int:
     `run(1)`). `fresh` is the fresh-noise check: `fresh(trial) -> bool` (checks it if it has no
     record yet) and `fresh.known(trial) -> bool | None` (the record only); None: the search
     samples decide alone; with a `hardest(trial)` method (tuner.search.fresh.FreshCheck) the
-    steps are screened on the base's hardest batches. Returns the number of trials it ran. It leaves the study alone while
-    enqueued trials wait (seeds not yet run: the next trial would be one of them, not its own)."""
+    steps are screened on the base's hardest batches. Returns the number of trials it ran. It
+    leaves the study alone while enqueued trials wait (seeds not yet run: the next trial would
+    be one of them, not its own)."""
     if n <= 0 or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return 0
     base = _base(study, fresh)

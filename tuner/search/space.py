@@ -5,8 +5,8 @@ Parameter names are stable (committed studies decode with them): per forward blo
 `b{k}_init`, `b{k}_log_tol` (the block's early-stop tolerance as log10, continuous; below
 EXACT_BELOW it means 0, exact: absent for a sequential block, which has no tolerance), for
 segments `b{k}_segments`, `b{k}_anderson` and, where the tolerance is exact, `b{k}_iters_s{S}`
-(the pass budget; its range depends on the segment count S, hence one name per S), for frontier `b{k}_window` (its pass
-bound is T: the tolerance decides when a block is done). Studies made before per-block
+(the pass budget; its range depends on the segment count S, hence one name per S), for frontier
+`b{k}_window` (its pass bound is T: the tolerance decides when a block is done). Studies made before per-block
 tolerances hold one categorical `tol` shared by all blocks instead; it still decodes (a per-block
 value wins where both exist). The search suggests through `suggest`, seeds enter through
 `params_of`, the refinement moves one block's tolerance through `log_tol_of` / `with_log_tol`,
