@@ -146,11 +146,12 @@ class Forecast:
     trials: int
     batches_per_trial: int
     seeds: int  # seed schedules among the trials
-    trial_passes: float  # a non-seed trial's expected passes per batch
+    trial_passes: float  # a non-seed trial's expected passes per batch (the mean random draw)
     upper_search_passes: int  # the search if every trial ran token by token
     B: int
     T: int
     batch: int
+    slow_over: float | None = None  # passes per batch over which the slow stop ends a trial (None: no stop)
     here_s: float | None = None  # estimated sampling seconds on this device
     here_basis: str | None = None
     modelled_s: float | None = None  # on the device profile's device
@@ -190,7 +191,9 @@ class Forecast:
                 f"(B(T-1) = {self.B * (self.T - 1):,} passes each), ~{fmt_count(tot.tokens)} tokens{clock}")
         rest = self.trials - self.seeds
         search = (f"search ~{fmt_count(s['search'].passes)} ({self.trials} trials x {self.batches_per_trial} batches: "
-                  f"{self.seeds} seeds, then ~{self.trial_passes:.0f} passes per batch each; at most "
+                  f"{self.seeds} seeds, then ~{self.trial_passes:.0f} passes per batch each"
+                  + ("" if self.slow_over is None else f", one batch only over {self.slow_over:.0f}")
+                  + "; at most "
                   f"{fmt_count(self.upper_search_passes)} if every trial ran token by token)") if rest > 0 else (
                   f"search ~{fmt_count(s['search'].passes)} ({self.trials} trials x {self.batches_per_trial} batches)")
         others = ", ".join(f"{STAGE_TITLES[k]} ~{fmt_count(s[k].passes)}" for k in STAGES if k != "search")
@@ -237,7 +240,8 @@ def forecast(model, profile, cfg, space: SearchSpace | None = None, seeds: dict 
     stages = {k: _spent(rows) for k, rows in work.items()}
     stages["noise_floor"] = _spent([(seq, len(cfg.floor_seeds))])  # as counted: one batch of n per seed
     return Forecast(stages, cfg.trials, per_trial, len(ran_seeds), draw.passes,
-                    cfg.trials * per_trial * B * (T - 1), B, T, cfg.batch, _work=work)
+                    cfg.trials * per_trial * B * (T - 1), B, T, cfg.batch,
+                    None if cfg.goal.measured else SLOW_PRUNE * winner.passes, _work=work)
 
 
 def _spent(rows) -> Spent:
