@@ -212,3 +212,13 @@ def test_the_profile_table_shows_every_guess_the_profile_scored(report, tmp_path
         assert f"<td>{v:.3g}</td>" in page
     assert "IGM, init=calibrated" in page
     assert "IGM calibrated" not in report[1] and "IGM z" in report[1]
+
+
+def test_a_seed_stopped_early_shows_its_reason_once_escaped(tmp_path):
+    """The default tune's paper seed was stopped as slow: its row in the comparison says why, with
+    the '>' escaped once (not shown as '&gt;')."""
+    d = tmp_path / "tune_default"
+    shutil.copytree(ROOT / "studies" / "mnist" / "tune_default", d, ignore=shutil.ignore_patterns("report.html"))
+    page = write_report(d, d / "report.html").read_text()
+    assert "pruned: slow: 71 passes on the first batch &gt; 1.5 x the best feasible trial&#x27;s 31.3 passes" in page
+    assert "&amp;gt;" not in page

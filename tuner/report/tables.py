@@ -78,7 +78,7 @@ def pruned_reason(r: dict) -> str:
 def _trial_row(st: StudyFolder, name: str, title: str, r: dict) -> dict:
     """A seed the summary does not list (pruned, failed) as trials.csv recorded it."""
     kind = trial_state(r)
-    status = f"pruned: {esc(pruned_reason(r))}" if kind == "pruned" else kind
+    status = f"pruned: {pruned_reason(r)}" if kind == "pruned" else kind  # escaped where it is shown
     done = kind in ("feasible", "infeasible")
     return {"name": title, "key": name, "trial": r.get("number"), "status": status,
             "value": r.get("objective") if done else None, "latency_s": r.get("latency_s") if done else None,
