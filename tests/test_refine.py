@@ -185,3 +185,34 @@ def test_bisection_on_the_bundled_model_stops_at_the_drift_limit(model):
     assert above is not None, "the bisection never found the limit"
     assert best < above <= best + RESOLUTION + 1e-9
     assert min(t.value for t in study.trials if holds[t.params["b3_log_tol"]]) < study.trials[0].value
+
+
+def test_the_refinement_gets_its_trials_after_the_seeds_even_when_they_reach_into_its_reserve():
+    """8 trials with 7 seeds (the colour study's settings): the seeds run first, then the one
+    trial left bisects; the reserve (2 of 8) must not leave a seed waiting, which would leave the
+    refinement nothing (that study's tune logged "refinement: 0 of 2")."""
+    from tuner.search.config import TuneConfig
+    from tuner.search.run import run_trials
+
+    space = SearchSpace(B=2, T=8, modes=("frontier",))
+    study, objective, fresh = _mock_study(space, {0: -0.3, 1: -1.2}, {0: -0.3, 1: -1.7},
+                                          lambda k, g: round((10 if k == 1 else 3) * (1 - g)))
+
+    class Ev:
+        def __init__(self):
+            self.space = space
+
+        def __call__(self, trial):
+            return objective(trial)
+
+    for g in (-3.0, -2.5, -2.0, -1.9, -1.8, -4.0, -3.5):
+        study.enqueue_trial({"b1_init": "zeros", "b1_window": 8, "b1_log_tol": g,
+                             "b0_init": "zeros", "b0_window": 8, "b0_log_tol": g}, user_attrs={"seed": f"s{g}"})
+    cfg = TuneConfig(trials=8, n=16, batch=16, verify_n=256, objective="passes", modes=("frontier",))
+    from tuner.search.accounting import Spent
+
+    lines, fresh.spent = [], Spent()  # (the mock check samples nothing)
+    run_trials(study, Ev(), cfg, log=lines.append, fresh=fresh)
+    assert len(study.trials) == 8 and all(t.user_attrs.get("seed") for t in study.trials[:7])
+    assert study.trials[7].user_attrs.get("refined_from") is not None
+    assert lines == ["refinement: 1 of 2 trials bisecting per-block tolerances; fresh-noise checks sampled 0 passes"]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from tarflow.errors import UserError
 from tarflow.io import atomic_write_text
@@ -155,8 +156,13 @@ def run_trials(study, ev: Evaluator, cfg: TuneConfig, progress=None, log=print, 
     def missing() -> int:
         return max(0, cfg.trials - len(counted_trials(study)))
 
+    def seeds_waiting() -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
     reserve = cfg.refine_trials  # one bisection step per trial, ~3 per block
-    while run(missing() - reserve):
+    # the seeds run first even into the reserve: the refinement does not start while one waits,
+    # so with few trials (8, with 7 seeds) it used to get none
+    while run(max(missing() - reserve, min(seeds_waiting(), missing()))):
         pass
     used = refine(study, ev.space, min(reserve, missing()), run, fresh)
     if reserve:
