@@ -18,6 +18,7 @@ from tuner.search.accounting import Spent
 from tuner.search.config import TuneConfig
 from tuner.search.evaluate import Evaluator
 
+
 class FreshCheck:
     """The verification noise (seed + 1, verify_n samples) and its sequential samples, features
     and FID, computed once and shared by the refinement's checks and the final verification.
