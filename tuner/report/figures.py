@@ -34,6 +34,10 @@ def profile_bars(st: StudyFolder) -> str:
     return fig_html(fig, 450, top=95)
 
 
+INIT_DASH = {"zeros": "solid", "z": "dot", "calibrated": "dash"}  # a profile's curves per initial guess
+INIT_WORDS = {"zeros": "solid", "z": "dotted", "calibrated": "dashed"}
+
+
 def convergence_figure(st: StudyFolder) -> str:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -55,7 +59,7 @@ def convergence_figure(st: StudyFolder) -> str:
     for i, k in enumerate(blocks):
         r, c = divmod(i, cols)
         cb = curves[(curves.block == k) & (curves.iteration > 0)]
-        variants = [(S, init, dash, 0) for S in seg_counts for init, dash in (("zeros", "solid"), ("z", "dot"))]
+        variants = [(S, init, INIT_DASH[init], 0) for S in seg_counts for init in INIT_DASH]
         variants += [(1, init, "dashdot", m) for m in sorted(set(cb.anderson) - {0})
                      for init in sorted(set(cb[cb.anderson == m].init))]
         for S, init, dash, m in variants:
@@ -78,6 +82,7 @@ def convergence_figure(st: StudyFolder) -> str:
     fig.update_yaxes(title_text="max |x − x*| (all segments)", col=1)
     fig.update_xaxes(title_text="Jacobi pass per segment", row=rows)
     fig.update_layout(legend=dict(orientation="h", y=-0.18 if rows == 1 else -0.1),
-                      title=dict(text="Measured GS-Jacobi convergence per block (forward block index): "
-                                      "S segments, solid = zeros init, dotted = z init, dash-dot = Anderson", font=dict(size=14)))
+                      title=dict(text="Measured GS-Jacobi convergence per block (forward block index): S segments, "
+                                      + ", ".join(f"{d} = {i} init" for i, d in INIT_WORDS.items() if i in set(curves.init))
+                                      + ", dash-dot = Anderson", font=dict(size=14)))
     return fig_html(fig, 380 * rows + 80)

@@ -58,7 +58,7 @@ def history_fig(st: StudyFolder, chosen: int | None):
         if d.empty:
             continue
         y = _shown(st, d.objective) if kind in ("feasible", "infeasible") else np.zeros(len(d))
-        label = {"pruned": "pruned (warm-up proxy; no value, drawn at 0)",
+        label = {"pruned": "stopped early (reason on hover; no value, drawn at 0)",
                  "failed": "failed (drawn at 0)"}.get(kind, kind)
         fig.add_trace(go.Scatter(x=d.number, y=y, mode="markers", name=label,
                                  text=[_hover(st, r) for r in d.to_dict("records")],

@@ -191,7 +191,7 @@ def top_trials_table(st: StudyFolder, chosen: int | None, k: int = 12) -> str:
                      num(r.get("proxy_rmse_mean"), ".3g"), esc(num(r.get("passes"), ".0f"))])
         cls.append("chosen" if chosen is not None and int(r["number"]) == chosen else "")
     head = ["trial", "seed", esc(goal.title()), *([] if goal.measured else ["latency in the search (ms)"]),
-            f"FID gap ({esc(fid_tag(ext, n))})", "feasible", "proxy RMSE (0–255)", "passes (all search batches)"]
+            f"FID gap ({esc(fid_tag(ext, n))})", "feasible", "mean drift, pixel RMSE (0–255)", "passes (all search batches)"]
     return (f'<div class="tablebox"><h3>Best completed trials by {esc(goal.label)}</h3>'
             + table(head, rows, cls="compare", row_cls=cls,
                     caption="Highlighted: the chosen trial.") + "</div>")
